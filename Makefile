@@ -1,0 +1,17 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+.PHONY: setup demo test lint
+
+setup:
+	bash scripts/setup.sh
+
+# The main job on the embedded default: pretrain the `small` base on the shipped corpus
+# (~20 min on 2 CPU cores), then sample from it.
+demo: setup
+	. .venv/bin/activate && python jobs/pretrain.py --preset small --output-dir runs/base-small --eval-every 100 --json
+	. .venv/bin/activate && python jobs/sample.py --model runs/base-small/model --prompt "The river" --prompt "In 2018, the" --num-samples 2
+
+test: setup
+	. .venv/bin/activate && bash scripts/test.sh
+
+lint:
+	. .venv/bin/activate && ruff check lora_diffusion jobs tests && ruff format --check lora_diffusion jobs tests

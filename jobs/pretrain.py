@@ -1,0 +1,91 @@
+"""Pretrain a base masked-diffusion LM on the corpus: tokenizer, model, held-out loss.
+
+python jobs/pretrain.py --preset small --output-dir runs/base-small
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jobs.common import base_parser, emit, fail  # noqa: E402
+from lora_diffusion.config import apply_overrides  # noqa: E402
+from lora_diffusion.models import PRESETS  # noqa: E402
+from lora_diffusion.pretraining import PretrainConfig, pretrain  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small", choices=list(PRESETS), help="model size")
+    p.add_argument("--corpus-dir", default=None, help="default: <data-dir>/corpus")
+    p.add_argument("--tokenizer", default=None, help="reuse this saved tokenizer (folder)")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
+    p.add_argument("--block-length", type=int, default=128, help="tokens per training block")
+    p.add_argument("--batch-size", type=int, default=32, help="blocks per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out eval every N steps")
+    p.add_argument("--heldout-blocks", type=int, default=512, help="held-out blocks scored")
+    p.add_argument("--max-documents", type=int, default=None, help="use only N documents")
+    p.add_argument("--process", default="absorbing", help="absorbing | uniform")
+    p.add_argument("--time-conditioning", action="store_true", help="adaLN time conditioning")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def build_config(a) -> PretrainConfig:
+    cfg = PretrainConfig(
+        corpus_dir=a.corpus_dir or os.path.join(a.data_dir, "corpus"),
+        output_dir=a.output_dir,
+        preset=a.preset,
+        vocab_size=a.vocab_size,
+        tokenizer=a.tokenizer,
+        block_length=a.block_length,
+        time_conditioning=a.time_conditioning,
+        max_documents=a.max_documents,
+        heldout_blocks=a.heldout_blocks,
+        threads=a.threads,
+    )
+    train = dataclasses.replace(
+        cfg.train,
+        lr=a.lr,
+        batch_size=a.batch_size,
+        warmup_steps=a.warmup_steps,
+        eval_every=a.eval_every,
+        seed=a.seed,
+        **({"max_steps": a.max_steps} if a.max_steps else {}),
+    )
+    diffusion = dataclasses.replace(
+        cfg.diffusion,
+        process=a.process,
+        weighting="simple" if a.process == "uniform" else cfg.diffusion.weighting,
+    )
+    cfg = dataclasses.replace(cfg, train=train, diffusion=diffusion)
+    return apply_overrides(cfg, a.overrides)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    if not os.path.isdir(a.corpus_dir or os.path.join(a.data_dir, "corpus")):
+        fail(f"corpus directory not found: {a.corpus_dir or os.path.join(a.data_dir, 'corpus')}")
+    try:
+        cfg = build_config(a)
+    except (KeyError, ValueError) as e:
+        fail(str(e))
+
+    def report(step, m):
+        if "heldout_loss" in m:
+            print(f"step {step}: loss {m['loss']:.4f} heldout {m['heldout_loss']:.4f}", flush=True)
+
+    result = pretrain(cfg, report=report, progress=not a.no_progress)
+    result.pop("config")
+    emit(result, a.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Config dataclasses and the one-way flow into them: YAML file, then dotted CLI overrides
+(`diffusion.steps=50`, `adaptor.ranks=8,32,64`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .corruption import PROCESSES
+from .schedules import SCHEDULES
+
+
+@dataclass
+class DiffusionConfig:
+    process: str = field(default="absorbing", metadata={"help": "absorbing | uniform"})
+    schedule: str = field(default="loglinear", metadata={"help": "loglinear | linear | cosine"})
+    eps: float = field(default=1e-3, metadata={"help": "alpha(1); keeps weights finite"})
+    weighting: str = field(default="elbo", metadata={"help": "elbo | simple loss weighting"})
+    steps: int = field(default=100, metadata={"help": "T, discrete sampling steps"})
+
+    def __post_init__(self) -> None:
+        PROCESSES.get(self.process)
+        SCHEDULES.get(self.schedule)
+        if self.weighting not in ("elbo", "simple"):
+            raise ValueError(f"diffusion.weighting must be elbo or simple, got {self.weighting!r}")
+        if self.process == "uniform" and self.weighting == "elbo":
+            raise ValueError("diffusion.weighting=elbo is the absorbing ELBO; use simple")
+        if self.steps < 1:
+            raise ValueError(f"diffusion.steps must be >= 1, got {self.steps}")
+
+
+def _coerce(value: str, typ):
+    """Parse a CLI string into the field's type (bool, int, float, str, tuples of those)."""
+    origin = typing.get_origin(typ)
+    if origin in (tuple, list):
+        (inner, *_) = typing.get_args(typ) or (str,)
+        items = [_coerce(v, inner) for v in value.split(",") if v != ""]
+        return tuple(items) if origin is tuple else items
+    if typ is bool:
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected a boolean, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    return typ(value)
+
+
+def apply_overrides(obj, overrides: list[str]):
+    """Apply `a.b=value` strings to a (nested) dataclass; returns a new, validated object."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        obj = _set(obj, key.split("."), value, key)
+    return obj
+
+
+def _set(obj, path: list[str], value: str, full: str):
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    name = path[0]
+    if name not in fields:
+        raise KeyError(f"unknown config key {full!r} ({name!r} not in {sorted(fields)})")
+    current = getattr(obj, name)
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise KeyError(f"config key {full!r}: {name!r} has no sub-keys")
+        return dataclasses.replace(obj, **{name: _set(current, path[1:], value, full)})
+    hints = typing.get_type_hints(type(obj))
+    try:
+        parsed = _coerce(value, hints[name]) if isinstance(value, str) else value
+    except ValueError as e:
+        raise ValueError(f"config key {full!r}: {e}") from None
+    return dataclasses.replace(obj, **{name: parsed})
+
+
+def from_dict(cls, data: dict):
+    """Build dataclass `cls` from a (nested) dict, rejecting unknown keys by name."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise KeyError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in data.items():
+        typ = hints[k]
+        if dataclasses.is_dataclass(typ) and isinstance(v, dict):
+            v = from_dict(typ, v)
+        elif typing.get_origin(typ) is tuple and isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def load_yaml(cls, path: str | Path):
+    with open(path) as f:
+        return from_dict(cls, yaml.safe_load(f) or {})

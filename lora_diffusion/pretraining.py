@@ -1,0 +1,124 @@
+"""Pretrain a base masked-diffusion LM on a text corpus: tokenizer, packing, loop, held-out loss.
+
+Called by `jobs/pretrain.py`; Ray-free, so it runs anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import DiffusionConfig
+from .corpus import (
+    block_batch,
+    corpus_files,
+    packed_blocks,
+    read_documents,
+    split_files,
+    unigram_loss,
+)
+from .corruption import get_process
+from .losses import denoising_loss, heldout_loss
+from .models import DiffusionLM, preset_config
+from .schedules import get_schedule
+from .tokenizer import load_tokenizer, train_bpe_tokenizer
+from .training import StepSampler, TrainConfig, fit
+
+
+@dataclass
+class PretrainConfig:
+    corpus_dir: str = field(metadata={"help": "folder of *.txt files; the last is held out"})
+    output_dir: str = field(metadata={"help": "model/ (weights + tokenizer), metrics.json"})
+    preset: str = field(default="small", metadata={"help": "model size preset"})
+    vocab_size: int | None = field(default=None, metadata={"help": "default: the preset's"})
+    tokenizer: str | None = field(default=None, metadata={"help": "reuse a saved tokenizer"})
+    block_length: int = field(default=128, metadata={"help": "tokens per packed block"})
+    time_conditioning: bool = field(default=False, metadata={"help": "adaLN on t (off: MDLM)"})
+    max_documents: int | None = field(default=None, metadata={"help": "cap (tests, demos)"})
+    heldout_blocks: int = field(default=512, metadata={"help": "held-out blocks to score"})
+    cache_dir: str | None = None
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, max_steps=600))
+
+
+def build_tokenizer(cfg: PretrainConfig, train_files: list[Path], vocab_size: int):
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    docs = [d for f in train_files for d in read_documents(f)][: cfg.max_documents]
+    return train_bpe_tokenizer(docs, vocab_size=vocab_size)
+
+
+def pretrain(cfg: PretrainConfig, report=None, progress: bool = True) -> dict:
+    """Train a base on `cfg.corpus_dir`; returns the results written to metrics.json."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    train_files, heldout_files = split_files(corpus_files(cfg.corpus_dir))
+    vocab = cfg.vocab_size or preset_config(cfg.preset).vocab_size
+    tok = build_tokenizer(cfg, train_files, vocab)
+    train = packed_blocks(train_files, tok, cfg.block_length, cfg.cache_dir, cfg.max_documents)
+    heldout = packed_blocks(heldout_files, tok, cfg.block_length, cfg.cache_dir)
+    heldout = heldout[: cfg.heldout_blocks]
+
+    model = DiffusionLM(_model_config(cfg, tok))
+    process = get_process(cfg.diffusion.process, len(tok), tok.mask_token_id)
+    schedule = get_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
+    sampler = StepSampler(len(train), cfg.train.batch_size, cfg.train.seed)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+
+    def get_batch(step: int, m: int) -> dict:
+        idx = sampler.indices(step)[m * micro : (m + 1) * micro]
+        return block_batch(train[idx])
+
+    def loss_fn(batch, gen):
+        out = denoising_loss(model, batch, process, schedule, cfg.diffusion.weighting, gen)
+        return out.loss, {"nll": float(out.nll)}
+
+    heldout_batches = [block_batch(b) for b in heldout.split(64)]
+
+    def evaluate() -> dict:
+        model.eval()
+        return {"heldout_loss": heldout_loss(model, heldout_batches, process, schedule)}
+
+    state = fit(model, loss_fn, get_batch, cfg.train, evaluate, report, progress=progress)
+    model_dir = Path(cfg.output_dir) / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    final = state.history[-1]
+    result = {
+        "model_dir": str(model_dir),
+        "preset": cfg.preset,
+        "heldout_loss": final["heldout_loss"],
+        "heldout_ppl_bound": math.exp(final["heldout_loss"]),
+        "unigram_loss": unigram_loss(train, heldout, len(tok)),
+        "train_loss": final["loss"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_tokens": int(len(train) * cfg.block_length),
+        "steps": state.step,
+        "seconds": time.perf_counter() - start,
+        "config": asdict(cfg),
+    }
+    (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(result, indent=2))
+    (Path(cfg.output_dir) / "history.json").write_text(json.dumps(state.history))
+    return result
+
+
+def _model_config(cfg: PretrainConfig, tok):
+    return preset_config(
+        cfg.preset,
+        vocab_size=len(tok),
+        time_conditioning=cfg.time_conditioning,
+        max_position_embeddings=max(1024, cfg.block_length),
+        mask_token_id=tok.mask_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        sep_token_id=tok.sep_token_id,
+    )

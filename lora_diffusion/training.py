@@ -1,0 +1,233 @@
+"""The framework-free training loop shared by pretraining, LoRA-Diffusion and the baselines.
+
+AdamW, linear warmup then cosine decay, gradient accumulation, bf16 autocast where the device
+supports it, gradient clipping, periodic evaluation, progress and metrics to a callback.
+
+Resume is bit-exact because nothing random is carried between steps: the batch of step k is a
+pure function of (seed, k) (an epoch permutation), and the diffusion noise of step k comes from
+a generator seeded with (seed, k, rank). A checkpoint holds the trainable weights, optimizer,
+scheduler and step; see `save_checkpoint` / `load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class TrainConfig:
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    beta1: float = 0.9
+    beta2: float = 0.98
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps in all"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr"})
+    batch_size: int = field(default=32, metadata={"help": "global examples per optimizer step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm; 0 disables"})
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps; 0: at end"})
+    precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 (autocast)"})
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by grad_accum "
+                f"({self.grad_accum})"
+            )
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+
+
+class StepSampler:
+    """Indices of the examples in step k's batch, from (seed, k) alone.
+
+    Each epoch is a fresh seeded permutation; a step's global batch is a contiguous slice of
+    it (wrapping into the next epoch), and rank r of W takes every W-th example of it, so
+    workers see disjoint parts of every batch.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int = 0) -> None:
+        if num_examples < 1:
+            raise ValueError("cannot sample batches from an empty dataset")
+        self.n, self.batch_size, self.seed = num_examples, batch_size, seed
+        self._perm: dict[int, torch.Tensor] = {}
+
+    def _epoch(self, e: int) -> torch.Tensor:
+        if e not in self._perm:
+            self._perm = {e: torch.randperm(self.n, generator=_gen(self.seed, e))}
+        return self._perm[e]
+
+    def indices(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        start = step * self.batch_size
+        idx = [
+            int(self._epoch(i // self.n)[i % self.n]) for i in range(start, start + self.batch_size)
+        ]
+        return torch.tensor(idx[rank::world_size])
+
+
+def _gen(*seeds: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of ints."""
+    s = 0
+    for x in seeds:
+        s = (s * 1_000_003 + int(x)) % (2**63 - 1)
+    return torch.Generator().manual_seed(s)
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The noise generator of one training step on one rank."""
+    return _gen(seed, 7919, step, rank)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+    return f
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig):
+    if not params:
+        raise ValueError("no trainable parameters")
+    opt = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+    )
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores: the step to run next and the loss history so far."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def save_checkpoint(path, module: nn.Module, opt, sched, state: TrainState) -> None:
+    """Trainable weights as safetensors; optimizer/scheduler via torch.save of plain tensors and
+    numbers (loaded back with weights_only=True, never as arbitrary pickles); state as JSON."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    trainable = {k: v.detach().contiguous() for k, v in trainable_state_dict(module).items()}
+    save_file(trainable, str(path / "trainable.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, path / "optim.pt")
+    (path / "state.json").write_text(json.dumps(asdict(state)))
+
+
+def load_checkpoint(path, module: nn.Module, opt, sched) -> TrainState:
+    path = Path(path)
+    missing = [
+        f for f in ("trainable.safetensors", "optim.pt", "state.json") if not (path / f).exists()
+    ]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+        optim = torch.load(path / "optim.pt", weights_only=True)
+        state = TrainState(**json.loads((path / "state.json").read_text()))
+    except Exception as e:  # corrupt files: say which checkpoint, keep the cause
+        raise ValueError(f"checkpoint {path} is corrupt: {e}") from e
+    params = dict(module.named_parameters())
+    for k, v in weights.items():
+        if k not in params or params[k].shape != v.shape:
+            raise ValueError(f"checkpoint {path}: parameter {k} does not fit this model")
+        with torch.no_grad():
+            params[k].copy_(v)
+    opt.load_state_dict(optim["optimizer"])
+    sched.load_state_dict(optim["scheduler"])
+    return state
+
+
+def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p for k, p in module.named_parameters() if p.requires_grad}
+
+
+LossFn = Callable[[dict, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+
+
+def fit(
+    module: nn.Module,
+    loss_fn: LossFn,
+    get_batch: Callable[[int, int], dict],
+    cfg: TrainConfig,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    report: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint: Callable[[int, object, object, TrainState], None] | None = None,
+    checkpoint_every: int = 0,
+    resume_from: str | Path | None = None,
+    progress: bool = True,
+    rank: int = 0,
+) -> TrainState:
+    """Train `module`'s parameters that require grad.
+
+    loss_fn(batch, generator) -> (loss, scalar metrics); get_batch(step, micro) -> the micro-batch
+    `micro` of step `step` (already on the right device); evaluate() -> metrics, run every
+    `cfg.eval_every` steps and at the end; report(step, metrics) receives every log line;
+    checkpoint(step, opt, sched, state) is called every `checkpoint_every` steps.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt, sched = build_optimizer(params, cfg)
+    state = load_checkpoint(resume_from, module, opt, sched) if resume_from else TrainState()
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not progress, desc="train")
+    t0, tokens = time.perf_counter(), 0
+    while state.step < cfg.max_steps:
+        step = state.step
+        metrics, ntok = _train_step(module, loss_fn, get_batch, cfg, opt, params, step, rank)
+        sched.step()
+        tokens += ntok
+        state.step = step + 1
+        last = state.step == cfg.max_steps
+        if state.step % cfg.log_every == 0 or last or step == 0:
+            metrics["lr"] = sched.get_last_lr()[0]
+            metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
+            if evaluate and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+                metrics.update(evaluate())
+            state.history.append({"step": state.step, **metrics})
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if report:
+                report(state.step, metrics)
+        if checkpoint and checkpoint_every and (state.step % checkpoint_every == 0 or last):
+            checkpoint(state.step, opt, sched, state)
+        bar.update(1)
+    bar.close()
+    return state
+
+
+def _train_step(module, loss_fn, get_batch, cfg, opt, params, step, rank):
+    """One optimizer step over cfg.grad_accum micro-batches; returns (metrics, tokens)."""
+    module.train()
+    opt.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {}
+    ntok = 0
+    gen = step_generator(cfg.seed, step, rank)
+    for micro in range(cfg.grad_accum):
+        batch = get_batch(step, micro)
+        device_type = batch["input_ids"].device.type
+        with torch.autocast(device_type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss, m = loss_fn(batch, gen)
+        (loss / cfg.grad_accum).backward()
+        ntok += int(batch["attention_mask"].sum())
+        for k, v in {"loss": float(loss.detach()), **m}.items():
+            sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+    if cfg.grad_clip:
+        sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    opt.step()
+    return sums, ntok

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny seeded models and tokenizers built in-repo (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("LORA_DIFFUSION_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    assert DATA_DIR.is_dir(), f"test data not found at {DATA_DIR} (set LORA_DIFFUSION_DATA_DIR)"
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def corpus_lines(data_dir) -> list[str]:
+    with open(data_dir / "corpus" / "enwiki_09.txt", encoding="utf-8") as f:
+        return [line.strip() for _, line in zip(range(400), f, strict=False) if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(corpus_lines):
+    from lora_diffusion.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(corpus_lines, vocab_size=512)
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    from lora_diffusion.models import DiffusionLM, preset_config
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer
+    cfg = preset_config("tiny", vocab_size=len(tok), mask_token_id=tok.mask_token_id)
+    return DiffusionLM(cfg).eval()
