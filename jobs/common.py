@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from lora_diffusion import tasks
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def default_data_dir() -> str:
-    """$LORA_DIFFUSION_DATA_DIR, else ../shared/data beside the repository."""
-    return os.environ.get("LORA_DIFFUSION_DATA_DIR", str(REPO.parent / "shared" / "data"))
+    """The library's lookup ($LORA_DIFFUSION_DATA_DIR, ../shared/data); shown in --help."""
+    try:
+        return str(tasks.default_data_dir())
+    except tasks.DataError:
+        return str(REPO.parent / "shared" / "data")
 
 
 def base_parser(description: str, training: bool = True) -> argparse.ArgumentParser:
@@ -30,7 +34,9 @@ def base_parser(description: str, training: bool = True) -> argparse.ArgumentPar
     p.add_argument("--json", action="store_true", help="last stdout line: one JSON of results")
     if training:
         p.add_argument("--output-dir", required=True, help="where the run writes its files")
-        p.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
+        p.add_argument(
+            "--max-steps", type=int, default=None, help="optimizer steps (default: the job's)"
+        )
         p.add_argument(
             "--set",
             dest="overrides",

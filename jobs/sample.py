@@ -22,7 +22,7 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--gen-length", type=int, default=32, help="tokens to generate")
     p.add_argument("--steps", type=int, default=100, help="diffusion steps T")
-    p.add_argument("--process", default="absorbing", help="absorbing | uniform")
+    p.add_argument("--process", default=None, help="absorbing | uniform (default: the model's)")
     p.add_argument("--no-cache", action="store_true", help="call the network at every step")
     p.add_argument("--trajectory", action="store_true", help="print the denoising trajectory")
     p.add_argument("--trust-remote-code", action="store_true", help="allow hub model code")
@@ -39,11 +39,14 @@ def main(argv=None) -> dict:
         fail(str(e))
     prompts = [p for p in a.prompt for _ in range(a.num_samples)]
     batch = continuation_batch(tok, prompts, a.gen_length)
+    process = a.process or getattr(model.config, "diffusion_process", "absorbing")
+    schedule = getattr(model.config, "noise_schedule", "loglinear")
     out = generate(
         model,
         tok,
         batch,
-        a.process,
+        process,
+        schedule,
         steps=a.steps,
         seed=a.seed,
         cache=not a.no_cache,

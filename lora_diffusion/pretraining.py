@@ -44,7 +44,11 @@ class PretrainConfig:
     cache_dir: str | None = None
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, max_steps=600))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            lr=1e-3, max_steps=1500, batch_size=16, warmup_steps=100
+        )
+    )
 
 
 def build_tokenizer(cfg: PretrainConfig, train_files: list[Path], vocab_size: int):
@@ -121,4 +125,7 @@ def _model_config(cfg: PretrainConfig, tok):
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         sep_token_id=tok.sep_token_id,
+        # Recorded so samplers and adaptors use the process the base was trained with.
+        diffusion_process=cfg.diffusion.process,
+        noise_schedule=cfg.diffusion.schedule,
     )

@@ -1,0 +1,136 @@
+"""Adaptor training step vs the frozen base's plain no-grad forward, side by side in one run.
+
+    python benchmarks/adaptor_step.py [--preset small] [--batch-size 32] [--seq-len 128]
+
+Prints, for the same base, batch and sequence length: time per call and peak extra memory of
+  base_forward    the base's no-grad forward to hidden states + output head at loss positions
+  adaptor_step    LoRA-Diffusion's training step (base no-grad, adaptor fwd/bwd, AdamW step)
+  full_ft_step    a full fine-tuning step of the same base (what the frozen base avoids)
+and their ratios to base_forward. The floor of adaptor_step / base_forward is 1.0.
+
+Each measurement runs in a fresh subprocess, so peak memory (CPU: the growth of the process's
+max RSS during the timed calls; GPU: torch.cuda.max_memory_allocated) is not polluted by the
+others. Pass --device cuda on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+KINDS = ("base_forward", "adaptor_step", "full_ft_step")
+
+
+def build(preset: str, batch: int, seq: int, device: str):
+    from lora_diffusion.adaptor import AdaptorConfig, TrajectoryAdaptor
+    from lora_diffusion.composition import AdaptedDenoiser
+    from lora_diffusion.corruption import get_process
+    from lora_diffusion.models import DiffusionLM, preset_config
+    from lora_diffusion.schedules import get_schedule
+
+    torch.manual_seed(0)
+    base = DiffusionLM(preset_config(preset)).to(device)
+    v = base.config.vocab_size
+    ids = torch.randint(6, v, (batch, seq), device=device)
+    target = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+    target[:, seq // 2 :] = True  # condition in the first half, target in the second
+    batch_ = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "target_mask": target}
+    adapted = AdaptedDenoiser(base, TrajectoryAdaptor(AdaptorConfig(), base.config.hidden_size))
+    adapted.to(device)
+    proc = get_process("absorbing", v, base.config.mask_token_id)
+    return base, adapted, batch_, proc, get_schedule("loglinear")
+
+
+def make_call(kind: str, base, adapted, batch, proc, sched):
+    from lora_diffusion.losses import denoising_loss
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "base_forward":
+        base.eval()
+
+        def call():
+            with torch.no_grad():
+                out = denoising_loss(base, batch, proc, sched, "elbo", g)
+            return out.loss
+
+        return call
+    if kind == "adaptor_step":
+        model, params = adapted, adapted.adaptor_parameters()
+    else:
+        model = base.train().requires_grad_(True)
+        params = list(base.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        out = denoising_loss(model, batch, proc, sched, "elbo", g)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        return out.loss
+
+    return step
+
+
+def measure(kind: str, preset: str, batch: int, seq: int, device: str, reps: int) -> dict:
+    base, adapted, b, proc, sched = build(preset, batch, seq, device)
+    call = make_call(kind, base, adapted, b, proc, sched)
+    call()  # warm-up: allocator, optimizer state
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        start_mem = torch.cuda.memory_allocated()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        call()
+    sync()
+    seconds = (time.perf_counter() - t0) / reps
+    if device.startswith("cuda"):
+        peak_mb = (torch.cuda.max_memory_allocated() - start_mem) / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    return {"kind": kind, "seconds": seconds, "peak_mb": peak_mb}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--measure", choices=KINDS, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    args = (a.preset, a.batch_size, a.seq_len, a.device, a.reps)
+    if a.measure:
+        print(json.dumps(measure(a.measure, *args)))
+        return
+    rows = {}
+    for kind in KINDS:
+        cmd = [sys.executable, __file__, "--measure", kind, "--preset", a.preset,
+               "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
+               "--reps", str(a.reps), "--device", a.device]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows[kind] = json.loads(out.strip().splitlines()[-1])
+    ref = rows["base_forward"]
+    print(f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} device={a.device}")
+    print(f"{'':14} {'s/call':>9} {'peak MB':>9} {'time x':>8} {'mem x':>8}")
+    for kind, r in rows.items():
+        tx = r["seconds"] / ref["seconds"]
+        mx = r["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else float("nan")
+        r.update(time_ratio=tx, mem_ratio=mx)
+        print(f"{kind:14} {r['seconds']:9.4f} {r['peak_mb']:9.1f} {tx:8.2f} {mx:8.2f}")
+    if a.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

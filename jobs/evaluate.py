@@ -1,0 +1,68 @@
+"""Evaluate a saved task adaptor on a base: generative and scoring accuracy, forgetting.
+
+python jobs/evaluate.py --base runs/base-small/model --adaptor runs/sst2/adaptor --task sst2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jobs.common import base_parser, emit, fail  # noqa: E402
+from lora_diffusion.composition import AdaptedDenoiser  # noqa: E402
+from lora_diffusion.corruption import get_process  # noqa: E402
+from lora_diffusion.finetune import FinetuneConfig, evaluate_all  # noqa: E402
+from lora_diffusion.models import load_base  # noqa: E402
+from lora_diffusion.schedules import get_schedule  # noqa: E402
+from lora_diffusion.tasks import TASKS  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = base_parser(__doc__.splitlines()[0], training=False)
+    p.add_argument("--base", required=True, help="base model folder (or hub id)")
+    p.add_argument("--adaptor", default=None, help="adaptor folder; omit to evaluate the base")
+    p.add_argument("--task", default="sst2", help="one of: " + ", ".join(TASKS))
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate only N examples")
+    p.add_argument("--eval-steps", type=int, default=None, help="sampling steps (default: T)")
+    p.add_argument("--forgetting-blocks", type=int, default=64, help="corpus blocks; 0 skips")
+    p.add_argument("--no-base-check", action="store_true", help="skip the base fingerprint check")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    from lora_diffusion.adaptor_io import AdaptorFileError, load_adaptor
+
+    a = parse_args(argv)
+    if a.task not in TASKS:
+        fail(f"unknown task {a.task!r}; known: {', '.join(TASKS)}")
+    try:
+        base, tok = load_base(a.base)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    model = base
+    if a.adaptor:
+        try:
+            adaptor, _ = load_adaptor(a.adaptor, base, check_base=not a.no_base_check)
+        except AdaptorFileError as e:
+            fail(str(e))
+        model = AdaptedDenoiser(base, {a.task: adaptor})
+    cfg = FinetuneConfig(
+        base=a.base, output_dir="", task=a.task, data_dir=a.data_dir, eval_limit=a.eval_limit,
+        eval_steps=a.eval_steps, forgetting_blocks=a.forgetting_blocks if a.adaptor else 0,
+    )  # fmt: skip
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=a.seed))
+    process = get_process(cfg.diffusion.process, len(tok), tok.mask_token_id)
+    schedule = get_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
+    result = {"task": a.task, "adaptor": a.adaptor}
+    result.update(evaluate_all(cfg, model, base, tok, process, schedule))
+    for ex in result.pop("eval_examples", []):
+        print(f"  example: {ex}")
+    emit(result, a.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()

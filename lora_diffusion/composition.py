@@ -1,0 +1,177 @@
+"""A frozen base plus task adaptors behind the denoiser seam, composed per example.
+
+    h' = h + sum_j w_j * delta_j(x_t, t, c),   delta_j = sum_i sigma(t) g_ij   (paper Eq. 6)
+
+w comes from explicit per-example weights, or from the router (a 2-layer MLP over Enc(c) with a
+softmax over tasks), or is 1 for a single adaptor. The base runs without autograd; when it is
+time-agnostic, its output is cached across sampling steps in which x_t did not change, and only
+the (cheap, t-dependent) adaptors are recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .adaptor import TrajectoryAdaptor, pool_condition
+
+
+class Router(nn.Module):
+    """Enc(c) (B, d) -> softmax task weights (B, n_tasks), through one hidden layer."""
+
+    def __init__(self, d: int, num_tasks: int, hidden: int = 512) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_tasks))
+
+    def forward(self, enc: torch.Tensor) -> torch.Tensor:
+        return self.net(enc).softmax(-1)
+
+
+class AdaptedDenoiser(nn.Module):
+    """Frozen `base` + named task adaptors (+ optional router); itself a denoiser.
+
+    Args:
+        base: any denoiser (hidden_states / output_head / input_embeddings).
+        adaptors: task name -> TrajectoryAdaptor, or one adaptor (named "task").
+        router: maps Enc(c) to weights over `adaptors`, in their order.
+    """
+
+    time_conditioned = True  # the adaptors depend on t, even on a time-agnostic base
+
+    def __init__(
+        self,
+        base: nn.Module,
+        adaptors: Mapping[str, TrajectoryAdaptor] | TrajectoryAdaptor,
+        router: Router | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(adaptors, TrajectoryAdaptor):
+            adaptors = {"task": adaptors}
+        if not adaptors:
+            raise ValueError("AdaptedDenoiser needs at least one adaptor")
+        self.base = base.eval().requires_grad_(False)
+        self.adaptors = nn.ModuleDict(adaptors)
+        self.router = router
+        self.mask_token_id = base.mask_token_id
+        self._weights: torch.Tensor | None = None
+        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.cache_base = True  # reuse the base's output while x_t is unchanged (no grad)
+        self.base_calls = 0
+        self.base_calls_saved = 0
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.adaptors.keys())
+
+    @property
+    def config(self):
+        return self.base.config
+
+    def train(self, mode: bool = True) -> AdaptedDenoiser:
+        super().train(mode)
+        self.base.eval()  # frozen: no dropout, whatever the adaptor's mode
+        return self
+
+    @contextmanager
+    def task_weights(self, weights: torch.Tensor | None) -> Iterator[None]:
+        """Use fixed per-example weights (B, n_tasks) inside the block (None: router/default)."""
+        if weights is not None and weights.shape[-1] != len(self.adaptors):
+            raise ValueError(
+                f"task weights have {weights.shape[-1]} columns for {len(self.adaptors)} "
+                f"adaptors ({', '.join(self.task_names)})"
+            )
+        previous, self._weights = self._weights, weights
+        try:
+            yield
+        finally:
+            self._weights = previous
+
+    def base_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, t):
+        """The frozen base's hidden states, never recorded by autograd; reused while x_t and
+        the mask are unchanged (time-agnostic base, outside training)."""
+        attn = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        reusable = (
+            self.cache_base
+            and not torch.is_grad_enabled()
+            and not getattr(self.base, "time_conditioned", True)
+        )
+        if reusable and self._cache is not None:
+            x0, a0, h0 = self._cache
+            if x0.shape == input_ids.shape and torch.equal(x0, input_ids) and torch.equal(a0, attn):
+                self.base_calls_saved += 1
+                return h0
+        with torch.no_grad():
+            h = self.base.hidden_states(input_ids, attn, t)
+        self.base_calls += 1
+        self._cache = (input_ids.clone(), attn.clone(), h) if reusable else None
+        return h
+
+    def task_weight_matrix(self, enc: torch.Tensor) -> torch.Tensor:
+        """(B, n_tasks): fixed weights if set, else the router's, else 1 for a lone adaptor."""
+        if self._weights is not None:
+            return self._weights.to(enc.dtype)
+        if self.router is not None:
+            return self.router(enc)
+        if len(self.adaptors) == 1:
+            return enc.new_ones(enc.shape[0], 1)
+        raise ValueError("several adaptors and no router: give task_weights")
+
+    def perturbation(self, x_repr: dict, t, enc, w) -> torch.Tensor:
+        """sum_j w_j delta_j over N positions: x_repr maps input_repr -> (N, d); t (N,);
+        enc (N, d); w (N, n_tasks). Returns (N, d)."""
+        delta = None
+        for j, adaptor in enumerate(self.adaptors.values()):
+            active = w[:, j] != 0
+            if not active.any():
+                continue
+            x = x_repr[adaptor.cfg.input_repr][:, None]  # (N, 1, d): a position is an example
+            dj = w[:, j, None] * adaptor(x, t, enc)[:, 0]
+            delta = dj if delta is None else delta + dj
+        return torch.zeros_like(x_repr["hidden"]) if delta is None else delta
+
+    # --- the denoiser seam -------------------------------------------------------------
+    def hidden_states(self, input_ids, attention_mask=None, t=None, condition_mask=None):
+        """h' = h + perturbation: (B, L, d). t (B,) is required: the adaptors are step-aware.
+
+        Only positions outside the condition are perturbed: condition tokens are clean and
+        their outputs are never read, so the adaptor's cost scales with the target length.
+        """
+        if t is None:
+            raise ValueError("the adapted denoiser needs t (B,) in [0, 1]")
+        h = self.base_hidden(input_ids, attention_mask, t)
+        enc = pool_condition(h, condition_mask)  # (B, d)
+        w = self.task_weight_matrix(enc)  # (B, n_tasks)
+        sel = (
+            torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+            if condition_mask is None
+            else ~condition_mask.bool()
+        )
+        rows = sel.nonzero(as_tuple=True)[0]  # example index of each selected position
+        x_repr = {"hidden": h[sel]}
+        if any(a.cfg.input_repr == "embedding" for a in self.adaptors.values()):
+            with torch.no_grad():
+                x_repr["embedding"] = self.base.input_embeddings(input_ids)[sel]
+        delta = self.perturbation(x_repr, t[rows], enc[rows], w[rows])
+        return h.index_put((sel.nonzero(as_tuple=True)), h[sel] + delta)
+
+    def output_head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.base.output_head(h)
+
+    def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.base.input_embeddings(input_ids)
+
+    def adaptor_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters: adaptors and router, never the base."""
+        return [p for n, p in self.named_parameters() if not n.startswith("base.")]
+
+
+def merge_adaptors(adaptors: Mapping[str, TrajectoryAdaptor], base: nn.Module, weights):
+    """Zero-shot composition: adaptors trained separately, combined with fixed weights
+    (a sequence, one per adaptor) and no retraining. Returns (denoiser, weight row (n,))."""
+    w = torch.as_tensor(list(weights), dtype=torch.float32)
+    if w.numel() != len(adaptors) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"merge weights must be {len(adaptors)} non-negative, positive sum: {w}")
+    return AdaptedDenoiser(base, dict(adaptors)), w

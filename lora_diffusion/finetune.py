@@ -1,0 +1,201 @@
+"""Fine-tune a frozen base on a task with a parameter-efficient method, then evaluate it.
+
+The recipe behind `jobs/train.py`, Ray-free. Methods plug in through `METHODS`: a builder that
+wraps the base and says which parameters train and how to save them. LoRA-Diffusion is
+registered here; the baselines register themselves the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adaptor import AdaptorConfig, TrajectoryAdaptor
+from .composition import AdaptedDenoiser
+from .config import DiffusionConfig
+from .corruption import get_process
+from .data import collate, tokenize_task
+from .losses import denoising_loss
+from .models import load_base
+from .registry import Registry
+from .schedules import get_schedule
+from .training import StepSampler, TrainConfig, fit, save_checkpoint
+
+
+@dataclass
+class FinetuneConfig:
+    base: str = field(metadata={"help": "base model folder or hub id"})
+    output_dir: str = field(metadata={"help": "adaptor/, metrics.json, checkpoints/"})
+    task: str = field(default="sst2", metadata={"help": "task registry name"})
+    method: str = field(default="lora_diffusion", metadata={"help": "tuning method"})
+    data_dir: str | None = field(default=None, metadata={"help": "task data folder"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example"})
+    train_limit: int | None = field(default=None, metadata={"help": "use N train examples"})
+    eval_limit: int | None = field(default=None, metadata={"help": "evaluate N examples"})
+    eval_steps: int | None = field(default=None, metadata={"help": "sampling steps; None: T"})
+    scoring_num_t: int = field(default=8, metadata={"help": "t values for candidate scoring"})
+    forgetting_blocks: int = field(default=64, metadata={"help": "corpus blocks; 0 skips"})
+    corpus_dir: str | None = field(default=None, metadata={"help": "default <data-dir>/corpus"})
+    checkpoint_every: int = field(default=0, metadata={"help": "steps; 0: only at the end"})
+    resume_from: str | None = field(default=None, metadata={"help": "a checkpoint folder"})
+    threads: int | None = None
+    cache_dir: str | None = None
+    adaptor: AdaptorConfig = field(default_factory=AdaptorConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=2e-3, max_steps=1000, batch_size=32, warmup_steps=50)
+    )
+
+
+@dataclass
+class MethodBundle:
+    """What a method gives the recipe: the denoiser to train, the loss extras, a saver."""
+
+    model: nn.Module
+    extra_loss: Callable[[], dict[str, torch.Tensor]]  # name -> weighted scalar
+    save: Callable[[Path], None]
+
+
+METHODS: Registry[Callable[[FinetuneConfig, nn.Module], MethodBundle]] = Registry("method")
+
+
+@METHODS.register("lora_diffusion")
+def build_lora_diffusion(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
+    from .adaptor_io import save_adaptor
+
+    adaptor = TrajectoryAdaptor(cfg.adaptor, base.config.hidden_size)
+    model = AdaptedDenoiser(base, {cfg.task: adaptor})
+
+    def extra() -> dict[str, torch.Tensor]:
+        reg = adaptor.regularisers()
+        return {
+            "reg_rank": cfg.adaptor.lambda_rank * reg["rank"],
+            "reg_orth": cfg.adaptor.lambda_orth * reg["orth"],
+        }
+
+    def save(path: Path) -> None:
+        save_adaptor(path, adaptor, base, task=cfg.task, method="lora_diffusion")
+
+    return MethodBundle(model, extra, save)
+
+
+def _trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def finetune(cfg: FinetuneConfig, report=None, progress: bool = True) -> dict:
+    """Train `cfg.method` on `cfg.task`, save it, evaluate it; returns the results."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    base, tok = load_base(cfg.base)
+    bundle = METHODS.get(cfg.method)(cfg, base)
+    model = bundle.model
+    train_ds = tokenize_task(
+        cfg.task, "train", tok, cfg.max_length, cfg.data_dir, cfg.cache_dir, cfg.train_limit
+    ).with_format("python")
+    process = get_process(cfg.diffusion.process, len(tok), tok.mask_token_id)
+    schedule = get_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
+    sampler = StepSampler(len(train_ds), cfg.train.batch_size, cfg.train.seed)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+
+    def get_batch(step: int, m: int) -> dict:
+        idx = sampler.indices(step)[m * micro : (m + 1) * micro].tolist()
+        return collate([train_ds[i] for i in idx], tok.pad_token_id)
+
+    def loss_fn(batch, gen):
+        out = denoising_loss(model, batch, process, schedule, cfg.diffusion.weighting, gen)
+        extras = bundle.extra_loss()
+        loss = out.loss + sum(extras.values(), torch.zeros(()))
+        return loss, {"nll": float(out.nll), **{k: float(v) for k, v in extras.items()}}
+
+    out_dir = Path(cfg.output_dir)
+
+    def checkpoint(step, opt, sched, state):
+        save_checkpoint(out_dir / "checkpoints" / "last", model, opt, sched, state)
+
+    state = fit(
+        model, loss_fn, get_batch, cfg.train, report=report, checkpoint=checkpoint,
+        checkpoint_every=cfg.checkpoint_every or cfg.train.max_steps,
+        resume_from=cfg.resume_from, progress=progress,
+    )  # fmt: skip
+    train_seconds = time.perf_counter() - start
+    bundle.save(out_dir / "adaptor")
+    result = {
+        "method": cfg.method,
+        "task": cfg.task,
+        **_size_report(model, base, out_dir / "adaptor"),
+        "train_loss": state.history[-1]["loss"],
+        "train_nll": state.history[-1]["nll"],
+        "steps": state.step,
+        "train_seconds": train_seconds,
+    }
+    result.update(evaluate_all(cfg, model, base, tok, process, schedule, progress))
+    result.update(adaptor_dir=str(out_dir / "adaptor"), seconds=time.perf_counter() - start)
+    _write_results(out_dir, result, state.history, cfg)
+    return result
+
+
+def _size_report(model: nn.Module, base: nn.Module, adaptor_dir: Path) -> dict:
+    trainable = _trainable(model)
+    base_params = sum(p.numel() for p in base.parameters())
+    stored = sum(f.stat().st_size for f in adaptor_dir.glob("*.safetensors"))
+    return {
+        "trainable_params": trainable,
+        "trainable_pct": 100.0 * trainable / base_params,
+        "storage_mb": stored / 1e6,
+        "storage_mb_bf16": 2 * trainable / 1e6,
+    }
+
+
+def evaluate_all(cfg, model, base, tok, process, schedule, progress=False) -> dict:
+    """Generative and scoring accuracy on the eval split, forgetting on held-out corpus."""
+    from .evaluation import forgetting, generative_accuracy, scoring_accuracy
+
+    model.eval()
+    eval_ds = tokenize_task(
+        cfg.task, "eval", tok, cfg.max_length, cfg.data_dir, cfg.cache_dir, cfg.eval_limit
+    )
+    common = dict(process=cfg.diffusion.process, schedule=cfg.diffusion.schedule)
+    gen = generative_accuracy(
+        model, tok, cfg.task, eval_ds, steps=cfg.eval_steps, seed=cfg.train.seed,
+        max_length=cfg.max_length, progress=progress, **common,
+    )  # fmt: skip
+    score = scoring_accuracy(
+        model, tok, cfg.task, eval_ds, num_t=cfg.scoring_num_t, seed=cfg.train.seed, **common
+    )
+    result = {
+        "eval_accuracy": gen["accuracy"],
+        "eval_valid_rate": gen["valid_rate"],
+        "eval_accuracy_scoring": score["accuracy"],
+        "eval_n": gen["n"],
+        "eval_examples": gen.get("examples", []),
+    }
+    if cfg.forgetting_blocks:
+        result.update(_forgetting(cfg, model, base, tok, process, schedule, forgetting))
+    return result
+
+
+def _forgetting(cfg, model, base, tok, process, schedule, forgetting) -> dict:
+    from .corpus import corpus_files, packed_blocks
+    from .tasks import resolve_data_dir
+
+    corpus = Path(cfg.corpus_dir or resolve_data_dir(cfg.data_dir) / "corpus")
+    blocks = packed_blocks(corpus_files(corpus)[-1:], tok, 128, cfg.cache_dir)
+    return forgetting(
+        base, model, blocks[: cfg.forgetting_blocks], process=process, schedule=schedule
+    )
+
+
+def _write_results(out_dir: Path, result: dict, history: list[dict], cfg: FinetuneConfig) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    (out_dir / "history.json").write_text(json.dumps(history))
+    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))

@@ -1,0 +1,167 @@
+"""The trajectory adaptor: phases, conditioning, regularisers, frozen base."""
+
+import pytest
+import torch
+
+from lora_diffusion.adaptor import (
+    AdaptorConfig,
+    TrajectoryAdaptor,
+    count_adaptor_parameters,
+    pool_condition,
+)
+from lora_diffusion.composition import AdaptedDenoiser
+from lora_diffusion.models.dit import timestep_embedding
+
+D = 64
+
+
+def randomise(adaptor, std=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adaptor.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return adaptor
+
+
+def inputs(b=4, n=10, vocab=512):
+    x = torch.randint(6, vocab, (b, n), generator=torch.Generator().manual_seed(1))
+    cond = torch.zeros(b, n, dtype=torch.bool)
+    cond[:, :6] = True
+    return x, cond
+
+
+T4 = torch.tensor([0.9, 0.5, 0.1, 0.7])
+
+
+def test_adapted_model_equals_base_at_initialisation(tiny_model):
+    model = AdaptedDenoiser(tiny_model, TrajectoryAdaptor(AdaptorConfig(), D))
+    x, cond = inputs()
+    h = model.hidden_states(x, None, T4, cond)
+    assert torch.equal(h, tiny_model.hidden_states(x))
+
+
+@pytest.mark.parametrize(
+    "t, phase", [(1.0, 0), (0.9, 0), (2 / 3, 1), (0.5, 1), (1 / 3, 2), (0.01, 2)]
+)
+def test_phase_boundaries_follow_the_paper(t, phase):
+    # early: t > 2T/3, middle, late: t <= T/3
+    assert int(AdaptorConfig().phase_of(torch.tensor([t]))[0]) == phase
+
+
+def test_each_example_uses_the_modules_of_its_own_phase(tiny_model):
+    adaptor = TrajectoryAdaptor(AdaptorConfig(), D)
+    with torch.no_grad():
+        for m in adaptor.phases[0]:  # only the early phase gets a non-zero up-projection
+            m.up.normal_()
+    model = AdaptedDenoiser(tiny_model, adaptor)
+    x, cond = inputs()
+    delta = model.hidden_states(x, None, T4, cond) - tiny_model.hidden_states(x)
+    changed = delta.abs().amax(dim=(1, 2)) > 0
+    assert changed.tolist() == [True, False, False, True]  # t = 0.9 and 0.7 are early
+
+
+def test_perturbation_matches_the_formula(tiny_model):
+    cfg = AdaptorConfig(ranks=(4, 3), sigmas=(1.0, 0.5), boundaries=(0.5,), k=2)
+    adaptor = randomise(TrajectoryAdaptor(cfg, D))
+    x, cond = inputs(b=2)
+    t = torch.tensor([0.8, 0.2])
+    h = tiny_model.hidden_states(x)
+    enc = pool_condition(h, cond)
+    temb = timestep_embedding(t, cfg.time_embed_dim)
+    expected = []
+    for b, p in enumerate([0, 1]):
+        z = torch.cat([h[b], temb[b].expand(x.shape[1], -1)], -1)  # (L, d + d_t)
+        total = 0
+        for m in adaptor.phases[p]:
+            a_c = m.up * (1 + m.gate(enc[b]))  # A(c) = W_A diag(1 + W_g Enc(c))
+            total = total + torch.relu(m.down(z)) @ a_c.T
+        expected.append(cfg.sigmas[p] * total)
+    got = adaptor(h, t, enc)
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_up_projection_is_conditioned_on_the_instruction(tiny_model):
+    adaptor = randomise(TrajectoryAdaptor(AdaptorConfig(), D))
+    h = tiny_model.hidden_states(inputs()[0])
+    t = torch.full((4,), 0.5)
+    enc_a, enc_b = torch.randn(4, D), torch.randn(4, D)
+    assert not torch.allclose(adaptor(h, t, enc_a), adaptor(h, t, enc_b))
+    plain = randomise(TrajectoryAdaptor(AdaptorConfig(conditional=False), D))
+    torch.testing.assert_close(plain(h, t, enc_a), plain(h, t, enc_b))
+
+
+def test_embedding_input_reads_the_base_input_embeddings(tiny_model):
+    cfg = AdaptorConfig(input_repr="embedding")
+    adaptor = randomise(TrajectoryAdaptor(cfg, D))
+    model = AdaptedDenoiser(tiny_model, adaptor)
+    x, cond = inputs()
+    h = tiny_model.hidden_states(x)
+    expected = h + adaptor(tiny_model.input_embeddings(x), T4, pool_condition(h, cond))
+    got = model.hidden_states(x, None, T4, cond)
+    torch.testing.assert_close(got[~cond], expected[~cond])
+    # condition tokens are clean and never read: the adaptor leaves them (and its cost) out
+    assert torch.equal(got[cond], h[cond])
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        AdaptorConfig(),
+        AdaptorConfig(k=4, conditional=False),
+        AdaptorConfig.uniform(16),
+        AdaptorConfig(ranks=(8, 8, 8, 8, 8), sigmas=(1,) * 5, boundaries=(0.8, 0.6, 0.4, 0.2)),
+    ],
+)
+def test_parameter_formula_is_exact(cfg):
+    adaptor = TrajectoryAdaptor(cfg, D)
+    assert sum(p.numel() for p in adaptor.parameters()) == count_adaptor_parameters(cfg, D)
+    assert len(adaptor.phases) == len(cfg.ranks) and len(adaptor.phases[0]) == cfg.k
+
+
+def test_regularisers_are_finite_at_zero_and_match_definitions():
+    adaptor = TrajectoryAdaptor(AdaptorConfig(), D)
+    reg = adaptor.regularisers()
+    (reg["rank"] + reg["orth"]).backward()
+    assert all(torch.isfinite(p.grad).all() for p in adaptor.parameters() if p.grad is not None)
+    assert float(reg["orth"]) == 0.0
+
+    randomise(adaptor)
+    reg = adaptor.regularisers()
+    nuc = sum(
+        torch.linalg.matrix_norm(m.up, "nuc") + torch.linalg.matrix_norm(m.down.weight, "nuc")
+        for phase in adaptor.phases
+        for m in phase
+    )
+    torch.testing.assert_close(reg["rank"], nuc)
+    a, b = (m.up for m in adaptor.phases[0])
+    expected_phase0 = 2 * (a.T @ b).pow(2).sum()
+    assert float(reg["orth"]) > float(expected_phase0) > 0  # other phases add to it
+    one = randomise(TrajectoryAdaptor(AdaptorConfig(k=1), D))
+    assert float(one.regularisers()["orth"]) == 0.0  # no pairs
+
+
+def test_bad_configs_are_named():
+    with pytest.raises(ValueError, match="sigmas"):
+        AdaptorConfig(ranks=(8, 8), sigmas=(1.0,), boundaries=(0.5,))
+    with pytest.raises(ValueError, match="descend"):
+        AdaptorConfig(boundaries=(1 / 3, 2 / 3))
+    with pytest.raises(ValueError, match="input_repr"):
+        AdaptorConfig(input_repr="logits")
+
+
+def test_training_never_touches_the_base(tiny_model):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    adaptor = TrajectoryAdaptor(AdaptorConfig(), D)
+    model = AdaptedDenoiser(tiny_model, adaptor)
+    opt = torch.optim.AdamW(model.adaptor_parameters(), lr=1e-2)
+    x, cond = inputs()
+    for _ in range(3):
+        h = model.hidden_states(x, None, T4, cond)
+        loss = model.output_head(h).logsumexp(-1).mean() + adaptor.regularisers()["rank"]
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in tiny_model.parameters())
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in tiny_model.state_dict().items())
+    assert any(m.up.abs().sum() > 0 for phase in adaptor.phases for m in phase)
+    assert all(not p.requires_grad for p in tiny_model.parameters())
