@@ -5,10 +5,10 @@ setup:
 	bash scripts/setup.sh
 
 # The main job on the embedded default: pretrain the `small` base on the shipped corpus
-# (~20 min on 2 CPU cores), then sample from it.
+# (25-30 min on 2 CPU cores), then sample from it.
 demo: setup
-	. .venv/bin/activate && python jobs/pretrain.py --preset small --output-dir runs/base-small --eval-every 100 --json
-	. .venv/bin/activate && python jobs/sample.py --model runs/base-small/model --prompt "The river" --prompt "In 2018, the" --num-samples 2
+	. .venv/bin/activate && python jobs/pretrain.py --preset small --output-dir runs/base-small --eval-every 250 --json
+	. .venv/bin/activate && python jobs/sample.py --model runs/base-small/model --prompt "The river" --prompt "In 2018, the" --num-samples 2 --seed 0
 
 test: setup
 	. .venv/bin/activate && bash scripts/test.sh
