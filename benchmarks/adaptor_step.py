@@ -9,8 +9,8 @@ Prints, for the same base, batch and sequence length: time per call and peak ext
 and their ratios to base_forward. The floor of adaptor_step / base_forward is 1.0.
 
 Each measurement runs in a fresh subprocess, so peak memory (CPU: the growth of the process's
-max RSS during the timed calls; GPU: torch.cuda.max_memory_allocated) is not polluted by the
-others. Pass --device cuda on a GPU machine.
+max RSS from before the first call; GPU: torch.cuda.max_memory_allocated above the model and
+batch) is not polluted by the others. Pass --device cuda on a GPU machine.
 """
 
 from __future__ import annotations
@@ -80,12 +80,14 @@ def make_call(kind: str, base, adapted, batch, proc, sched):
 def measure(kind: str, preset: str, batch: int, seq: int, device: str, reps: int) -> dict:
     base, adapted, b, proc, sched = build(preset, batch, seq, device)
     call = make_call(kind, base, adapted, b, proc, sched)
-    call()  # warm-up: allocator, optimizer state
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    # Memory is measured from before the first call: activations, gradients and optimizer
+    # state all count, the model and the batch (common to every kind) do not.
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         start_mem = torch.cuda.memory_allocated()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    call()  # warm-up: allocator, optimizer state
     sync()
     t0 = time.perf_counter()
     for _ in range(reps):

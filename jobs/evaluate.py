@@ -29,11 +29,12 @@ def parse_args(argv=None):
     p.add_argument("--eval-steps", type=int, default=None, help="sampling steps (default: T)")
     p.add_argument("--forgetting-blocks", type=int, default=64, help="corpus blocks; 0 skips")
     p.add_argument("--no-base-check", action="store_true", help="skip the base fingerprint check")
+    p.add_argument("--plot", default=None, help="write the adaptor's effective-rank plot here")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    from lora_diffusion.adaptor_io import AdaptorFileError, load_adaptor
+    from lora_diffusion.adaptor_io import AdaptorFileError, adaptor_report, load_adaptor
 
     a = parse_args(argv)
     if a.task not in TASKS:
@@ -50,13 +51,34 @@ def main(argv=None) -> dict:
             fail(str(e))
         model = AdaptedDenoiser(base, {a.task: adaptor})
     cfg = FinetuneConfig(
-        base=a.base, output_dir="", task=a.task, data_dir=a.data_dir, eval_limit=a.eval_limit,
-        eval_steps=a.eval_steps, forgetting_blocks=a.forgetting_blocks if a.adaptor else 0,
-    )  # fmt: skip
+        base=a.base,
+        output_dir="",
+        task=a.task,
+        data_dir=a.data_dir,
+        eval_limit=a.eval_limit,
+        eval_steps=a.eval_steps,
+        forgetting_blocks=a.forgetting_blocks if a.adaptor else 0,
+    )
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=a.seed))
     process = get_process(cfg.diffusion.process, len(tok), tok.mask_token_id)
     schedule = get_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
     result = {"task": a.task, "adaptor": a.adaptor}
+    if a.adaptor:
+        report = adaptor_report(adaptor, base)
+        modules = report.pop("modules")
+        result.update(report)
+        result["effective_rank_up"] = [round(m["effective_rank_up"], 2) for m in modules]
+        result["effective_rank_down"] = [round(m["effective_rank_down"], 2) for m in modules]
+        for m in modules:
+            print(
+                f"  phase {m['phase']} module {m['module']}: rank {m['rank']}, sigma "
+                f"{m['sigma']}, effective rank W_A {m['effective_rank_up']:.2f}, "
+                f"W_B {m['effective_rank_down']:.2f}"
+            )
+        if a.plot:
+            from lora_diffusion.plots import plot_effective_ranks
+
+            plot_effective_ranks({"modules": modules}, a.plot, f"{a.task} adaptor")
     result.update(evaluate_all(cfg, model, base, tok, process, schedule))
     for ex in result.pop("eval_examples", []):
         print(f"  example: {ex}")

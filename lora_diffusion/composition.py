@@ -26,6 +26,9 @@ class Router(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_tasks))
 
+    def logits(self, enc: torch.Tensor) -> torch.Tensor:
+        return self.net(enc)
+
     def forward(self, enc: torch.Tensor) -> torch.Tensor:
         return self.net(enc).softmax(-1)
 
@@ -61,6 +64,7 @@ class AdaptedDenoiser(nn.Module):
         self.cache_base = True  # reuse the base's output while x_t is unchanged (no grad)
         self.base_calls = 0
         self.base_calls_saved = 0
+        self.router_logits: torch.Tensor | None = None  # (B, n_tasks) of the last router call
 
     @property
     def task_names(self) -> list[str]:
@@ -110,11 +114,15 @@ class AdaptedDenoiser(nn.Module):
         return h
 
     def task_weight_matrix(self, enc: torch.Tensor) -> torch.Tensor:
-        """(B, n_tasks): fixed weights if set, else the router's, else 1 for a lone adaptor."""
+        """(B, n_tasks): fixed weights if set (one row (n,) or (1, n) is shared by the batch),
+        else the router's, else 1 for a lone adaptor."""
         if self._weights is not None:
-            return self._weights.to(enc.dtype)
+            w = self._weights.to(device=enc.device, dtype=enc.dtype)
+            w = w[None] if w.dim() == 1 else w
+            return w.expand(enc.shape[0], -1) if w.shape[0] == 1 else w
         if self.router is not None:
-            return self.router(enc)
+            self.router_logits = self.router.logits(enc)  # kept for a routing loss
+            return self.router_logits.softmax(-1)
         if len(self.adaptors) == 1:
             return enc.new_ones(enc.shape[0], 1)
         raise ValueError("several adaptors and no router: give task_weights")

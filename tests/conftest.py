@@ -42,3 +42,12 @@ def tiny_model(tiny_tokenizer):
     tok = tiny_tokenizer
     cfg = preset_config("tiny", vocab_size=len(tok), mask_token_id=tok.mask_token_id)
     return DiffusionLM(cfg).eval()
+
+
+@pytest.fixture()
+def tiny_base_dir(tiny_model, tiny_tokenizer, tmp_path) -> Path:
+    """The tiny model and tokenizer saved as a base folder, as `load_base` reads it."""
+    path = tmp_path / "base"
+    tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

@@ -78,3 +78,52 @@ def test_bad_flags_fail_with_a_clear_message(tmp_path, data_dir):
     proc = run_job("jobs/sample.py", "--model", str(tmp_path / "missing"), "--prompt", "x",
                    check=False)  # fmt: skip
     assert proc.returncode == 2 and "error:" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(pretrained, tmp_path_factory, data_dir):
+    _, base = pretrained
+    out = tmp_path_factory.mktemp("train")
+    proc = run_job(
+        "jobs/train.py", "--method", "lora_diffusion", "--task", "sst2",
+        "--base", base["model_dir"], "--output-dir", str(out), "--max-steps", "6",
+        "--train-limit", "64", "--eval-limit", "8", "--batch-size", "8", "--ranks", "8,4,2",
+        "--data-dir", str(data_dir), "--no-progress", "--json",
+        "--set", "forgetting_blocks=4", "--set", "scoring_num_t=2",
+    )  # fmt: skip
+    return out, last_json(proc.stdout), base
+
+
+def test_train_job_saves_an_adaptor_and_reports_every_promised_key(trained):
+    out, result, _ = trained
+    promised = ("method", "task", "trainable_params", "trainable_pct", "storage_mb", "train_loss",
+                "eval_accuracy", "eval_accuracy_scoring", "adaptor_dir", "seconds")  # fmt: skip
+    assert all(k in result for k in promised), set(promised) - set(result)
+    assert result["method"] == "lora_diffusion" and result["steps"] == 6
+    assert 0 <= result["eval_accuracy"] <= 1 and 0 <= result["eval_valid_rate"] <= 1
+    assert 0 < result["trainable_pct"] < 100
+    assert (Path(result["adaptor_dir"]) / "adapter_config.json").exists()
+    assert (out / "checkpoints" / "last" / "trainable.safetensors").exists()
+
+
+def test_evaluate_job_reproduces_the_train_jobs_accuracy(trained, data_dir, tmp_path):
+    _, result, base = trained
+    proc = run_job(
+        "jobs/evaluate.py", "--base", base["model_dir"], "--adaptor", result["adaptor_dir"],
+        "--task", "sst2", "--eval-limit", "8", "--data-dir", str(data_dir), "--json",
+        "--forgetting-blocks", "4", "--plot", str(tmp_path / "ranks.png"),
+    )  # fmt: skip
+    again = last_json(proc.stdout)
+    assert again["trainable_params"] == result["trainable_params"]
+    assert len(again["effective_rank_up"]) == 6  # 3 phases x k = 2
+    assert (tmp_path / "ranks.png").read_bytes()[:4] == b"\x89PNG"
+    assert again["eval_accuracy"] == result["eval_accuracy"]
+    assert again["eval_valid_rate"] == result["eval_valid_rate"]
+
+
+def test_unknown_method_and_task_fail_before_any_work(pretrained, tmp_path):
+    _, base = pretrained
+    for flag, value in (("--method", "magic"), ("--task", "nope")):
+        proc = run_job("jobs/train.py", "--base", base["model_dir"], "--output-dir",
+                       str(tmp_path), flag, value, check=False)  # fmt: skip
+        assert proc.returncode == 2 and value in proc.stderr

@@ -58,12 +58,12 @@ def test_trajectory_has_one_state_per_step_and_unmasks_monotonically(tiny_model,
 
 
 def test_sampling_reproduces_a_memorised_text(tiny_model, tiny_tokenizer):
-    text = "the quick brown fox jumps over the lazy dog near the river bank"
+    text = "the river bank of the city"  # 11 tokens with the tiny tokenizer
     ids = torch.tensor(tiny_tokenizer(text, add_special_tokens=False)["input_ids"])
     blocks = ids.repeat(64, 1)  # (64, n): one text, over and over
     proc = get_process("absorbing", len(tiny_tokenizer), tiny_tokenizer.mask_token_id)
     sched = get_schedule("loglinear")
-    cfg = TrainConfig(lr=3e-3, max_steps=300, batch_size=16, warmup_steps=10, log_every=300)
+    cfg = TrainConfig(lr=3e-3, max_steps=400, batch_size=16, warmup_steps=10, log_every=400)
     sampler = StepSampler(len(blocks), cfg.batch_size)
 
     def loss_fn(batch, g):

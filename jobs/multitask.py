@@ -1,0 +1,91 @@
+"""Train one adaptor per task and the router jointly on mixed-task batches, then evaluate.
+
+    python jobs/multitask.py --base runs/base-small/model --tasks sst2,cola,trec,agnews \\
+        --output-dir runs/multitask
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jobs.common import base_parser, emit, fail  # noqa: E402
+from lora_diffusion.config import apply_overrides  # noqa: E402
+from lora_diffusion.multitask import MultitaskConfig, train_multitask  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--base", required=True, help="base model folder (or hub id)")
+    p.add_argument("--tasks", default="sst2,cola,trec,agnews", help="comma list, router order")
+    p.add_argument(
+        "--adaptor",
+        action="append",
+        default=[],
+        metavar="TASK=DIR",
+        help="start TASK's adaptor from a saved one (repeatable)",
+    )
+    p.add_argument(
+        "--router-only",
+        action="store_true",
+        help="freeze the adaptors (each task needs --adaptor) and train the router",
+    )
+    p.add_argument("--routing-loss", type=float, default=0.1, help="weight of CE(router, task)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--train-limit", type=int, default=None, help="train examples per task")
+    p.add_argument("--eval-limit", type=int, default=200, help="eval examples per task")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    try:
+        cfg = MultitaskConfig(
+            base=a.base,
+            output_dir=a.output_dir,
+            tasks=tuple(a.tasks.split(",")),
+            adaptor_dirs=tuple(a.adaptor),
+            train_router_only=a.router_only,
+            routing_loss=a.routing_loss,
+            data_dir=a.data_dir,
+            train_limit=a.train_limit,
+            eval_limit=a.eval_limit,
+            threads=a.threads,
+        )
+        train = dataclasses.replace(
+            cfg.train,
+            lr=a.lr,
+            batch_size=a.batch_size,
+            seed=a.seed,
+            **({"max_steps": a.max_steps} if a.max_steps else {}),
+        )
+        cfg = apply_overrides(dataclasses.replace(cfg, train=train), a.overrides)
+    except (KeyError, ValueError) as e:
+        fail(str(e).strip("'\""))
+
+    def report(step, m):
+        if step % 50 == 0:
+            print(
+                f"step {step}: loss {m['loss']:.4f} nll {m['nll']:.4f} "
+                f"routing acc {m['routing_acc']:.2f}",
+                flush=True,
+            )
+
+    try:
+        result = train_multitask(cfg, report=report, progress=not a.no_progress)
+    except FileNotFoundError as e:
+        fail(str(e))
+    for task, r in result["per_task"].items():
+        print(f"  {task}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "n"))
+    emit(result, a.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
