@@ -27,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--task", default="sst2", help="one of: " + ", ".join(TASKS))
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate only N examples")
     p.add_argument("--eval-steps", type=int, default=None, help="sampling steps (default: T)")
+    p.add_argument("--scoring-num-t", type=int, default=8, help="t values for candidate scoring")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example")
     p.add_argument("--forgetting-blocks", type=int, default=64, help="corpus blocks; 0 skips")
     p.add_argument("--no-base-check", action="store_true", help="skip the base fingerprint check")
     p.add_argument("--plot", default=None, help="write the adaptor's effective-rank plot here")
@@ -35,6 +37,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     from lora_diffusion.adaptor_io import AdaptorFileError, adaptor_report, load_adaptor
+    from lora_diffusion.baselines import load_method, read_method_config
 
     a = parse_args(argv)
     if a.task not in TASKS:
@@ -43,13 +46,17 @@ def main(argv=None) -> dict:
         base, tok = load_base(a.base)
     except (OSError, ValueError) as e:
         fail(str(e))
-    model = base
+    model, adaptor = base, None
     if a.adaptor:
         try:
-            adaptor, _ = load_adaptor(a.adaptor, base, check_base=not a.no_base_check)
+            method = read_method_config(a.adaptor)["method"]
+            if method == "lora_diffusion":
+                adaptor, _ = load_adaptor(a.adaptor, base, check_base=not a.no_base_check)
+                model = AdaptedDenoiser(base, {a.task: adaptor})
+            else:  # a baseline: rebuilt on a copy where it changes the base in place
+                model = load_method(a.adaptor, base, check_base=not a.no_base_check)
         except AdaptorFileError as e:
             fail(str(e))
-        model = AdaptedDenoiser(base, {a.task: adaptor})
     cfg = FinetuneConfig(
         base=a.base,
         output_dir="",
@@ -57,13 +64,15 @@ def main(argv=None) -> dict:
         data_dir=a.data_dir,
         eval_limit=a.eval_limit,
         eval_steps=a.eval_steps,
+        scoring_num_t=a.scoring_num_t,
+        max_length=a.max_length,
         forgetting_blocks=a.forgetting_blocks if a.adaptor else 0,
     )
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=a.seed))
     process = get_process(cfg.diffusion.process, len(tok), tok.mask_token_id)
     schedule = get_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
     result = {"task": a.task, "adaptor": a.adaptor}
-    if a.adaptor:
+    if adaptor is not None:
         report = adaptor_report(adaptor, base)
         modules = report.pop("modules")
         result.update(report)

@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.common import base_parser, emit, fail  # noqa: E402
+from lora_diffusion.baselines import DEFAULT_LR  # noqa: E402
 from lora_diffusion.config import apply_overrides  # noqa: E402
 from lora_diffusion.finetune import METHODS, FinetuneConfig, finetune  # noqa: E402
 from lora_diffusion.tasks import TASKS  # noqa: E402
@@ -24,9 +25,19 @@ def parse_args(argv=None):
     p.add_argument("--method", default="lora_diffusion", help="one of: " + ", ".join(METHODS))
     p.add_argument("--task", default="sst2", help="one of: " + ", ".join(TASKS))
     p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--ranks", default=None, help="rank per phase, e.g. 64,32,8")
-    p.add_argument("--k", type=int, default=None, help="modules per phase")
+    p.add_argument(
+        "--lr", type=float, default=None,
+        help="peak learning rate; default: the method's ("
+        + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")",
+    )  # fmt: skip
+    p.add_argument("--ranks", default=None, help="lora_diffusion: rank per phase, e.g. 64,32,8")
+    p.add_argument("--k", type=int, default=None, help="lora_diffusion: modules per phase")
+    p.add_argument("--lora-rank", type=int, help="weight_lora: rank (baselines.lora_rank)")
+    p.add_argument("--bottleneck", type=int, help="adapters: width (baselines.bottleneck)")
+    p.add_argument("--prefix-length", type=int, help="prefix: length (baselines.prefix_length)")
+    p.add_argument(
+        "--target-modules", help="weight_lora/nara: e.g. q_proj,v_proj (baselines.target_modules)"
+    )
     p.add_argument("--train-limit", type=int, default=None, help="use only N train examples")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate only N examples")
     p.add_argument("--eval-steps", type=int, default=None, help="sampling steps at evaluation")
@@ -53,7 +64,7 @@ def build_config(a) -> FinetuneConfig:
     )
     train = dataclasses.replace(
         cfg.train,
-        lr=a.lr,
+        lr=a.lr if a.lr is not None else DEFAULT_LR.get(a.method, cfg.train.lr),
         batch_size=a.batch_size,
         seed=a.seed,
         **({"max_steps": a.max_steps} if a.max_steps else {}),
@@ -61,6 +72,13 @@ def build_config(a) -> FinetuneConfig:
     cfg = dataclasses.replace(cfg, train=train)
     flags = [f"adaptor.ranks={a.ranks}"] if a.ranks else []
     flags += [f"adaptor.k={a.k}"] if a.k else []
+    knobs = {
+        "lora_rank": a.lora_rank,
+        "bottleneck": a.bottleneck,
+        "prefix_length": a.prefix_length,
+        "target_modules": a.target_modules,
+    }
+    flags += [f"baselines.{k}={v}" for k, v in knobs.items() if v is not None]
     return apply_overrides(cfg, flags + a.overrides)
 
 

@@ -4,6 +4,8 @@ The library imports neither Ray nor MLflow; the platform (jobs/, serve_apps/) bu
 Importing it registers the DiT denoiser with `transformers`' Auto classes.
 """
 
+from .adaptor import AdaptorConfig, TrajectoryAdaptor
+from .composition import AdaptedDenoiser, Router, get_adaptor_model
 from .config import DiffusionConfig, apply_overrides
 from .corruption import AbsorbingProcess, UniformProcess, get_process, sample_t
 from .losses import denoising_loss, heldout_loss
@@ -23,6 +25,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AbsorbingProcess",
+    "AdaptedDenoiser",
+    "AdaptorConfig",
+    "Router",
+    "TrajectoryAdaptor",
+    "get_adaptor_model",
     "DiffusionConfig",
     "DiffusionLM",
     "DiffusionLMConfig",

@@ -141,11 +141,11 @@ def load_adaptor(
                     "pass check_base=False (--no-base-check) to load it anyway"
                 )
     adaptor = TrajectoryAdaptor(cfg, d)
-    adaptor.load_state_dict(_read_tensors(path / WEIGHTS_NAME, adaptor, PREFIX))
+    adaptor.load_state_dict(read_tensors(path / WEIGHTS_NAME, adaptor, PREFIX))
     return adaptor, config
 
 
-def _read_tensors(file: Path, module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+def read_tensors(file: Path, module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """Tensors of `file` (names without `prefix`), checked against `module`'s state dict."""
     if not file.is_file():
         raise AdaptorFileError(f"{file}: not found")
@@ -211,7 +211,7 @@ def load_router(path: str | Path, base: nn.Module | None = None) -> tuple[Router
             f"{path}: router is for hidden size {d}, the base has {base.config.hidden_size}"
         )
     router = Router(d, len(tasks), hidden)
-    router.load_state_dict(_read_tensors(path / ROUTER_WEIGHTS, router, "router."))
+    router.load_state_dict(read_tensors(path / ROUTER_WEIGHTS, router, "router."))
     return router, tasks
 
 

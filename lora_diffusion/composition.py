@@ -171,15 +171,67 @@ class AdaptedDenoiser(nn.Module):
     def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.base.input_embeddings(input_ids)
 
+    # --- files -------------------------------------------------------------------------
+    def save_pretrained(self, path) -> None:
+        """One adaptor: `path/` (adapter_config.json + adapter_model.safetensors); several:
+        `path/<task>/` each, plus `path/router/` when there is a router."""
+        from pathlib import Path
+
+        from .adaptor_io import save_adaptor, save_router
+
+        path = Path(path)
+        if len(self.adaptors) == 1 and self.router is None:
+            task, adaptor = next(iter(self.adaptors.items()))
+            save_adaptor(path, adaptor, self.base, task=task)
+            return
+        for task, adaptor in self.adaptors.items():
+            save_adaptor(path / task, adaptor, self.base, task=task)
+        if self.router is not None:
+            save_router(path / "router", self.router, self.task_names, self.base)
+
+    @classmethod
+    def from_pretrained(cls, base: nn.Module, path, check_base: bool = True) -> AdaptedDenoiser:
+        """Load what `save_pretrained` wrote (or a {task: folder} mapping) onto `base`;
+        refuses adaptors trained on another base (`adaptor_io.AdaptorFileError`)."""
+        from pathlib import Path
+
+        from .adaptor_io import (
+            CONFIG_NAME,
+            ROUTER_CONFIG,
+            AdaptorFileError,
+            load_adaptor,
+            load_router,
+        )
+
+        if not isinstance(path, Mapping) and (Path(path) / CONFIG_NAME).is_file():
+            adaptor, config = load_adaptor(path, base, check_base)
+            return cls(base, {config.get("task") or "task": adaptor})
+        folders = (
+            dict(path)
+            if isinstance(path, Mapping)
+            else {p.name: p for p in sorted(Path(path).iterdir()) if (p / CONFIG_NAME).is_file()}
+        )
+        router = None
+        if not isinstance(path, Mapping) and (Path(path) / "router" / ROUTER_CONFIG).is_file():
+            router, order = load_router(Path(path) / "router", base)
+            missing = [task for task in order if task not in folders]
+            if missing:
+                raise AdaptorFileError(f"{path}: the router routes to {missing}, not found here")
+            folders = {task: folders[task] for task in order}  # the router's output order
+        if not folders:
+            raise AdaptorFileError(f"{path}: no adaptor folder ({CONFIG_NAME}) found")
+        adaptors = {task: load_adaptor(f, base, check_base)[0] for task, f in folders.items()}
+        return cls(base, adaptors, router)
+
     def adaptor_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters: adaptors and router, never the base."""
         return [p for n, p in self.named_parameters() if not n.startswith("base.")]
 
 
-def merge_adaptors(adaptors: Mapping[str, TrajectoryAdaptor], base: nn.Module, weights):
-    """Zero-shot composition: adaptors trained separately, combined with fixed weights
-    (a sequence, one per adaptor) and no retraining. Returns (denoiser, weight row (n,))."""
-    w = torch.as_tensor(list(weights), dtype=torch.float32)
-    if w.numel() != len(adaptors) or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"merge weights must be {len(adaptors)} non-negative, positive sum: {w}")
-    return AdaptedDenoiser(base, dict(adaptors)), w
+def get_adaptor_model(base: nn.Module, cfg=None, task: str = "task") -> AdaptedDenoiser:
+    """Wrap `base` (frozen) with one fresh adaptor, peft's `get_peft_model` in spirit: the
+    returned model trains only the adaptor and is itself a denoiser."""
+    from .adaptor import AdaptorConfig
+
+    adaptor = TrajectoryAdaptor(cfg or AdaptorConfig(), base.config.hidden_size)
+    return AdaptedDenoiser(base, {task: adaptor})

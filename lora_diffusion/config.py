@@ -33,6 +33,37 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.steps must be >= 1, got {self.steps}")
 
 
+@dataclass
+class BaselineConfig:
+    """Knobs of the baseline tuning methods (`lora_diffusion.baselines`)."""
+
+    lora_rank: int = field(default=64, metadata={"help": "weight_lora: LoRA rank r"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "weight_lora: None = rank"})
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj"),
+        metadata={"help": "weight_lora / nara: Linear layers to adapt, by name"},
+    )
+    bottleneck: int = field(default=256, metadata={"help": "adapters: bottleneck width"})
+    prefix_length: int = field(default=32, metadata={"help": "prefix: key/value prefix length"})
+    prefix_hidden: int = field(
+        default=0, metadata={"help": "prefix: reparameterisation MLP width; 0 = direct params"}
+    )
+    loreft_rank: int = field(default=8, metadata={"help": "loreft: intervention rank"})
+    nara_rank: int = field(default=8, metadata={"help": "nara: LoRA rank"})
+    nara_time_dim: int = field(
+        default=64, metadata={"help": "nara: Emb(t) size and gate MLP width"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("lora_rank", "bottleneck", "prefix_length", "loreft_rank", "nara_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"baselines.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefix_hidden < 0:
+            raise ValueError(f"baselines.prefix_hidden must be >= 0, got {self.prefix_hidden}")
+        if not self.target_modules:
+            raise ValueError("baselines.target_modules is empty")
+
+
 def _coerce(value: str, typ):
     """Parse a CLI string into the field's type (bool, int, float, str, tuples of those)."""
     origin = typing.get_origin(typ)

@@ -18,11 +18,12 @@ from torch import nn
 
 from .adaptor import AdaptorConfig, TrajectoryAdaptor
 from .composition import AdaptedDenoiser
-from .config import DiffusionConfig
+from .config import BaselineConfig, DiffusionConfig
 from .corruption import get_process
 from .data import collate, tokenize_task
 from .losses import denoising_loss
 from .models import load_base
+from .plots import plot_history
 from .registry import Registry
 from .schedules import get_schedule
 from .training import StepSampler, TrainConfig, fit, save_checkpoint
@@ -47,6 +48,7 @@ class FinetuneConfig:
     threads: int | None = None
     cache_dir: str | None = None
     adaptor: AdaptorConfig = field(default_factory=AdaptorConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=2e-3, max_steps=1000, batch_size=32, warmup_steps=50)
@@ -55,11 +57,14 @@ class FinetuneConfig:
 
 @dataclass
 class MethodBundle:
-    """What a method gives the recipe: the denoiser to train, the loss extras, a saver."""
+    """What a method gives the recipe: the denoiser to train, the loss extras, a saver, and,
+    for methods that change the base in place, a frozen copy of the base taken beforehand."""
 
     model: nn.Module
     extra_loss: Callable[[], dict[str, torch.Tensor]]  # name -> weighted scalar
     save: Callable[[Path], None]
+    reference: nn.Module | None = None  # the pristine base; None: the base is left untouched
+    describe: Callable[[], dict] | None = None  # a method-specific report (e.g. effective ranks)
 
 
 METHODS: Registry[Callable[[FinetuneConfig, nn.Module], MethodBundle]] = Registry("method")
@@ -67,7 +72,7 @@ METHODS: Registry[Callable[[FinetuneConfig, nn.Module], MethodBundle]] = Registr
 
 @METHODS.register("lora_diffusion")
 def build_lora_diffusion(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
-    from .adaptor_io import save_adaptor
+    from .adaptor_io import adaptor_report, save_adaptor
 
     adaptor = TrajectoryAdaptor(cfg.adaptor, base.config.hidden_size)
     model = AdaptedDenoiser(base, {cfg.task: adaptor})
@@ -82,7 +87,7 @@ def build_lora_diffusion(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
     def save(path: Path) -> None:
         save_adaptor(path, adaptor, base, task=cfg.task, method="lora_diffusion")
 
-    return MethodBundle(model, extra, save)
+    return MethodBundle(model, extra, save, describe=lambda: adaptor_report(adaptor, base))
 
 
 def _trainable(model: nn.Module) -> int:
@@ -98,6 +103,7 @@ def finetune(cfg: FinetuneConfig, report=None, progress: bool = True) -> dict:
     base, tok = load_base(cfg.base)
     bundle = METHODS.get(cfg.method)(cfg, base)
     model = bundle.model
+    base = base if bundle.reference is None else bundle.reference
     train_ds = tokenize_task(
         cfg.task, "train", tok, cfg.max_length, cfg.data_dir, cfg.cache_dir, cfg.train_limit
     ).with_format("python")
@@ -137,10 +143,35 @@ def finetune(cfg: FinetuneConfig, report=None, progress: bool = True) -> dict:
         "steps": state.step,
         "train_seconds": train_seconds,
     }
+    result["convergence_step"] = _convergence(state.history)
+    if bundle.describe is not None:
+        result.update(_describe(bundle.describe(), out_dir, cfg.task))
     result.update(evaluate_all(cfg, model, base, tok, process, schedule, progress))
     result.update(adaptor_dir=str(out_dir / "adaptor"), seconds=time.perf_counter() - start)
     _write_results(out_dir, result, state.history, cfg)
     return result
+
+
+def _convergence(history: list[dict]) -> int | None:
+    """The step at which the logged training loss settles (`evaluation.convergence_step` with a
+    window of a tenth of the logged points), or None."""
+    from .evaluation import convergence_step
+
+    index = convergence_step([h["loss"] for h in history], window=max(2, len(history) // 10))
+    return None if index is None else history[index]["step"]
+
+
+def _describe(report: dict, out_dir: Path, task: str) -> dict:
+    """Write a method's report (adaptor_report.json) and its effective-rank plot; returns the
+    per-module effective ranks for the results."""
+    from .plots import plot_effective_ranks
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "adaptor_report.json").write_text(json.dumps(report, indent=2))
+    if "modules" not in report:
+        return {}
+    plot_effective_ranks(report, out_dir / "plots" / "effective_rank.png", f"{task} adaptor")
+    return {"effective_rank_up": [round(m["effective_rank_up"], 2) for m in report["modules"]]}
 
 
 def _size_report(model: nn.Module, base: nn.Module, adaptor_dir: Path) -> dict:
@@ -199,3 +230,9 @@ def _write_results(out_dir: Path, result: dict, history: list[dict], cfg: Finetu
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
     (out_dir / "history.json").write_text(json.dumps(history))
     (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    keys = [k for k in ("loss", "nll", "reg_rank", "reg_orth") if k in history[-1]]
+    title = f"{cfg.method} / {cfg.task}"
+    plot_history(history, out_dir / "plots" / "train_curves.png", keys, title)
+
+
+from . import baselines  # noqa: E402, F401  (registers the baseline methods)

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -23,7 +24,7 @@ def plot_history(
     history: Sequence[dict], path: str | Path, keys: Sequence[str] = ("loss", "nll"), title=""
 ) -> Path:
     """Training curves of `history` (records with a `step` and the `keys` that are present)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in keys:
         points = [(h["step"], h[key]) for h in history if key in h]
@@ -45,7 +46,7 @@ def plot_history(
 def plot_effective_ranks(report: dict, path: str | Path, title: str = "") -> Path:
     """Bars of each module's rank and the effective rank of its W_A and W_B (an
     `adaptor_io.adaptor_report`)."""
-    plt = _pyplot()
+    plt = pyplot()
     modules = report["modules"]
     labels = [f"p{m['phase']}.{m['module']}" for m in modules]
     x = range(len(modules))

@@ -189,3 +189,36 @@ def test_report_counts_parameters_and_storage(tiny_model):
     assert all(0 < m["effective_rank_up"] <= m["rank"] for m in report["modules"])
     fresh = adaptor_report(TrajectoryAdaptor(cfg, D))
     assert all(m["effective_rank_up"] == 0.0 for m in fresh["modules"])  # W_A starts at zero
+
+
+def test_peft_like_wrap_save_and_load(tmp_path, tiny_model):
+    from lora_diffusion.composition import get_adaptor_model
+
+    model = get_adaptor_model(tiny_model, AdaptorConfig(ranks=(4,), sigmas=(1.0,), boundaries=()),
+                              task="sst2")  # fmt: skip
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n, _ in model.named_parameters() if n.startswith("adaptors.")
+    ]
+    with torch.no_grad():
+        model.adaptors["sst2"].phases[0][0].up.normal_()
+    model.save_pretrained(tmp_path / "one")
+    again = AdaptedDenoiser.from_pretrained(tiny_model, tmp_path / "one")
+    x, t, cond = batch()
+    assert again.task_names == ["sst2"]
+    assert torch.equal(model.hidden_states(x, None, t, cond), again.hidden_states(x, None, t, cond))
+
+
+def test_composition_with_router_saves_and_loads_in_router_order(tmp_path, tiny_model):
+    torch.manual_seed(0)
+    adaptors = {"trec": trained_like(seed=1), "sst2": trained_like(seed=2)}
+    model = AdaptedDenoiser(tiny_model, adaptors, Router(D, 2, hidden=16))
+    model.save_pretrained(tmp_path)
+    again = AdaptedDenoiser.from_pretrained(tiny_model, tmp_path)
+    assert again.task_names == ["trec", "sst2"]  # not alphabetical: the router's order
+    x, t, cond = batch()
+    assert torch.equal(model.hidden_states(x, None, t, cond), again.hidden_states(x, None, t, cond))
+    import shutil
+
+    shutil.rmtree(tmp_path / "sst2")
+    with pytest.raises(AdaptorFileError, match="router routes to \\['sst2'\\]"):
+        AdaptedDenoiser.from_pretrained(tiny_model, tmp_path)

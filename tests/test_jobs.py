@@ -104,6 +104,10 @@ def test_train_job_saves_an_adaptor_and_reports_every_promised_key(trained):
     assert 0 < result["trainable_pct"] < 100
     assert (Path(result["adaptor_dir"]) / "adapter_config.json").exists()
     assert (out / "checkpoints" / "last" / "trainable.safetensors").exists()
+    for plot in ("train_curves.png", "effective_rank.png"):
+        assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
+    report = json.loads((out / "adaptor_report.json").read_text())
+    assert report["trainable_params"] == result["trainable_params"]
 
 
 def test_evaluate_job_reproduces_the_train_jobs_accuracy(trained, data_dir, tmp_path):

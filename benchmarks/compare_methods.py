@@ -1,0 +1,128 @@
+"""Every tuning method on one task and base, each at a small learning-rate grid, as one table.
+
+    python benchmarks/compare_methods.py --base runs/base-small/model --task sst2 \\
+        --max-steps 400 --eval-limit 872 --output-dir runs/compare-sst2
+
+For each method and each learning rate in its grid (the method's default times 0.3, 1 and 3,
+or --lr-factors), trains with `jobs/train.py`'s recipe (`finetune.finetune`) on the same data,
+seed, batch and steps, and evaluates on the same eval examples. Per method, the row with the
+best dev scoring accuracy is kept (SST-2 has no labelled test split, so the learning rate is
+chosen on the split that is reported: say so when quoting the numbers) and every run is listed
+in `all_runs.json`. Prints a markdown table and writes `results.json`, `table.md` and
+`plots/dev_accuracy.png` under --output-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lora_diffusion.baselines import DEFAULT_LR  # noqa: E402
+from lora_diffusion.finetune import METHODS, FinetuneConfig, finetune  # noqa: E402
+from lora_diffusion.training import TrainConfig  # noqa: E402
+
+COLUMNS = (
+    ("method", "method", "{}"),
+    ("lr", "lr", "{:g}"),
+    ("trainable_pct", "trainable %", "{:.3f}"),
+    ("storage_mb", "storage MB", "{:.2f}"),
+    ("train_loss", "train loss", "{:.3f}"),
+    ("eval_accuracy", "dev acc (gen.)", "{:.3f}"),
+    ("eval_valid_rate", "valid", "{:.2f}"),
+    ("eval_accuracy_scoring", "dev acc (scoring)", "{:.3f}"),
+    ("convergence_step", "converged at", "{}"),
+    ("forgetting", "forgetting", "{:+.4f}"),
+    ("train_seconds", "train s", "{:.0f}"),
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True, help="base model folder")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list")
+    p.add_argument("--lr-factors", default="0.3,1,3", help="multiples of each method's default")
+    p.add_argument("--max-steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--forgetting-blocks", type=int, default=32)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", required=True)
+    return p.parse_args(argv)
+
+
+def table(rows: list[dict]) -> str:
+    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    lines = [head, "|" + " --- |" * len(COLUMNS)]
+    for r in rows:
+        cells = [fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    a = parse_args(argv)
+    out = Path(a.output_dir)
+    factors = [float(x) for x in a.lr_factors.split(",")]
+    runs = []
+    for method in a.methods.split(","):
+        METHODS.get(method)  # unknown names fail before any training
+        for f in factors:
+            lr = DEFAULT_LR.get(method, 1e-3) * f
+            cfg = FinetuneConfig(
+                base=a.base, output_dir=str(out / method / f"lr{lr:g}"), task=a.task,
+                method=method, data_dir=a.data_dir, train_limit=a.train_limit,
+                eval_limit=a.eval_limit, forgetting_blocks=a.forgetting_blocks,
+                train=TrainConfig(lr=lr, max_steps=a.max_steps, batch_size=a.batch_size,
+                                  warmup_steps=min(50, a.max_steps // 10), seed=a.seed),
+            )  # fmt: skip
+            print(f"== {method} lr {lr:g}", flush=True)
+            r = finetune(cfg, progress=False)
+            r.pop("eval_examples", None)
+            runs.append({**r, "lr": lr})
+            print(table([runs[-1]]).splitlines()[-1], flush=True)
+    best = {}
+    for r in runs:
+        if (
+            r["method"] not in best
+            or r["eval_accuracy_scoring"] > best[r["method"]]["eval_accuracy_scoring"]
+        ):
+            best[r["method"]] = r
+    rows = list(best.values())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "all_runs.json").write_text(json.dumps(runs, indent=2, default=str))
+    (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
+    (out / "table.md").write_text(table(rows) + "\n")
+    _plot(runs, out / "plots" / "dev_accuracy.png")
+    print(table(rows))
+    return rows
+
+
+def _plot(runs: list[dict], path: Path) -> None:
+    from lora_diffusion.plots import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for method in dict.fromkeys(r["method"] for r in runs):
+        rs = sorted((r for r in runs if r["method"] == method), key=lambda r: r["lr"])
+        ax.plot([r["lr"] for r in rs], [r["eval_accuracy_scoring"] for r in rs], "o-", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("dev accuracy (scoring)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Training step of every tuning method vs LoRA-Diffusion's, side by side in one run.
+
+    python benchmarks/methods_step.py [--preset tiny] [--batch-size 16] [--seq-len 128]
+
+Prints, for the same base, batch and sequence length: time per training step (denoising loss
+forward/backward + AdamW step) and peak extra memory of each method in `finetune.METHODS`, and
+their ratios to lora_diffusion. Each method runs in a fresh subprocess, measured as in
+`adaptor_step.py` (CPU: growth of max RSS from before the first step; GPU: max allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def measure(method: str, preset: str, batch: int, seq: int, device: str, reps: int) -> dict:
+    from lora_diffusion.corruption import get_process
+    from lora_diffusion.finetune import METHODS, FinetuneConfig
+    from lora_diffusion.losses import denoising_loss
+    from lora_diffusion.models import DiffusionLM, preset_config
+    from lora_diffusion.schedules import get_schedule
+
+    torch.manual_seed(0)
+    base = DiffusionLM(preset_config(preset)).to(device)
+    cfg = FinetuneConfig(base="-", output_dir="-", method=method, max_length=seq)
+    model = METHODS.get(method)(cfg, base).model.to(device)
+    v = base.config.vocab_size
+    ids = torch.randint(6, v, (batch, seq), device=device)
+    target = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+    target[:, seq // 2 :] = True  # condition in the first half, target in the second
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "target_mask": target}
+    proc, sched = get_process("absorbing", v, base.config.mask_token_id), get_schedule("loglinear")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        model.train()
+        out = denoising_loss(model, b, proc, sched, "elbo", g)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        start_mem = torch.cuda.memory_allocated()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()  # warm-up: allocator, optimizer state
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / reps
+    if cuda:
+        peak_mb = (torch.cuda.max_memory_allocated() - start_mem) / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    trainable = sum(p.numel() for p in params)
+    return {"method": method, "seconds": seconds, "peak_mb": peak_mb, "trainable": trainable}
+
+
+def main() -> None:
+    from lora_diffusion.finetune import METHODS
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--measure", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    args = (a.preset, a.batch_size, a.seq_len, a.device, a.reps)
+    if a.measure:
+        print(json.dumps(measure(a.measure, *args)))
+        return
+    methods = ["lora_diffusion"] + [m for m in a.methods.split(",") if m != "lora_diffusion"]
+    rows = {}
+    for method in methods:
+        cmd = [sys.executable, __file__, "--measure", method, "--preset", a.preset,
+               "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
+               "--reps", str(a.reps), "--device", a.device]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows[method] = json.loads(out.strip().splitlines()[-1])
+    ref = rows["lora_diffusion"]
+    print(f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} device={a.device}")
+    print(f"{'':15} {'trainable':>10} {'s/step':>9} {'peak MB':>9} {'time x':>7} {'mem x':>7}")
+    for method, r in rows.items():
+        tx = r["seconds"] / ref["seconds"]
+        mx = r["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else float("nan")
+        r.update(time_ratio=tx, mem_ratio=mx)
+        print(f"{method:15} {r['trainable']:10d} {r['seconds']:9.4f} {r['peak_mb']:9.1f} "
+              f"{tx:7.2f} {mx:7.2f}")  # fmt: skip
+    if a.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
