@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lora_diffusion.baselines import DEFAULT_LR  # noqa: E402
+from lora_diffusion.config import apply_overrides  # noqa: E402
 from lora_diffusion.finetune import METHODS, FinetuneConfig, finetune  # noqa: E402
 from lora_diffusion.training import TrainConfig  # noqa: E402
 
@@ -54,6 +55,15 @@ def parse_args(argv=None):
     p.add_argument("--forgetting-blocks", type=int, default=32)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted FinetuneConfig override for every run (repeatable)",
+    )
     p.add_argument("--output-dir", required=True)
     return p.parse_args(argv)
 
@@ -77,16 +87,30 @@ def main(argv=None) -> list[dict]:
         for f in factors:
             lr = DEFAULT_LR.get(method, 1e-3) * f
             cfg = FinetuneConfig(
-                base=a.base, output_dir=str(out / method / f"lr{lr:g}"), task=a.task,
-                method=method, data_dir=a.data_dir, train_limit=a.train_limit,
-                eval_limit=a.eval_limit, forgetting_blocks=a.forgetting_blocks,
-                train=TrainConfig(lr=lr, max_steps=a.max_steps, batch_size=a.batch_size,
-                                  warmup_steps=min(50, a.max_steps // 10), seed=a.seed),
-            )  # fmt: skip
+                base=a.base,
+                output_dir=str(out / method / f"lr{lr:g}"),
+                task=a.task,
+                method=method,
+                data_dir=a.data_dir,
+                train_limit=a.train_limit,
+                eval_limit=a.eval_limit,
+                forgetting_blocks=a.forgetting_blocks,
+                threads=a.threads,
+                train=TrainConfig(
+                    lr=lr,
+                    max_steps=a.max_steps,
+                    batch_size=a.batch_size,
+                    warmup_steps=min(50, a.max_steps // 10),
+                    seed=a.seed,
+                ),
+            )
+            cfg = apply_overrides(cfg, a.overrides)
             print(f"== {method} lr {lr:g}", flush=True)
             r = finetune(cfg, progress=False)
             r.pop("eval_examples", None)
             runs.append({**r, "lr": lr})
+            out.mkdir(parents=True, exist_ok=True)  # written as it goes: a long sweep can be read
+            (out / "all_runs.json").write_text(json.dumps(runs, indent=2, default=str))
             print(table([runs[-1]]).splitlines()[-1], flush=True)
     best = {}
     for r in runs:

@@ -12,6 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.common import base_parser, emit, fail  # noqa: E402
+from jobs.tracking import Tracker, add_tracking_flags, track_base  # noqa: E402
 from lora_diffusion.config import apply_overrides  # noqa: E402
 from lora_diffusion.models import PRESETS  # noqa: E402
 from lora_diffusion.pretraining import PretrainConfig, pretrain  # noqa: E402
@@ -34,6 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--time-conditioning", action="store_true", help="adaLN time conditioning")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_tracking_flags(
+        p, "register the base as a new version of NAME (default base-<preset>)", "--register-base"
+    )
     return p.parse_args(argv)
 
 
@@ -77,12 +81,23 @@ def main(argv=None) -> dict:
     except (KeyError, ValueError) as e:
         fail(str(e))
 
+    name = f"pretrain-{cfg.preset}-lr{cfg.train.lr:g}-steps{cfg.train.max_steps}"
+    tracker = Tracker.from_args(a, "lora-diffusion/pretrain", name)
+    tracker.log_config(cfg, preset=cfg.preset)
+
     def report(step, m):
+        tracker.report(step, m)
         if "heldout_loss" in m:
             print(f"step {step}: loss {m['loss']:.4f} heldout {m['heldout_loss']:.4f}", flush=True)
 
-    result = pretrain(cfg, report=report, progress=not a.no_progress)
+    try:
+        result = pretrain(cfg, report=report, progress=not a.no_progress)
+    except BaseException:
+        tracker.abort()
+        raise
     result.pop("config")
+    result.update(track_base(tracker, a, cfg, result))
+    result.update(tracker.close())
     emit(result, a.json)
     return result
 

@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.common import base_parser, emit, fail  # noqa: E402
+from jobs.tracking import Tracker, add_tracking_flags, run_name, track_adaptor  # noqa: E402
 from lora_diffusion.baselines import DEFAULT_LR  # noqa: E402
 from lora_diffusion.config import apply_overrides  # noqa: E402
 from lora_diffusion.finetune import METHODS, FinetuneConfig, finetune  # noqa: E402
@@ -45,6 +46,19 @@ def parse_args(argv=None):
     p.add_argument("--resume-from", default=None, help="checkpoint folder to resume from")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_tracking_flags(p, "register the adaptor as a new version of NAME (default <task>-<method>)")
+    p.add_argument(
+        "--base-model-name",
+        default=None,
+        help="registered base to record as lineage (default: found by fingerprint)",
+    )
+    p.add_argument(
+        "--base-artifact",
+        choices=("copy", "reference"),
+        default="copy",
+        help="the adaptor model carries a copy of the base folder, or references it "
+        "(the registered base's models:/ URI when found, else its path)",
+    )
     return p.parse_args(argv)
 
 
@@ -93,17 +107,27 @@ def main(argv=None) -> dict:
     except (KeyError, ValueError) as e:
         fail(str(e))
 
+    tracker = Tracker.from_args(a, f"lora-diffusion/{a.task}", run_name(cfg))
+    tracker.log_config(cfg, task=a.task, method=a.method)
+
     def report(step, m):
+        tracker.report(step, m)
         if step % 50 == 0:
             print(f"step {step}: loss {m['loss']:.4f} nll {m['nll']:.4f}", flush=True)
 
     try:
         result = finetune(cfg, report=report, progress=not a.no_progress)
     except FileNotFoundError as e:
+        tracker.abort()
         fail(str(e))
+    except BaseException:
+        tracker.abort()
+        raise
     examples = result.pop("eval_examples", [])
     for ex in examples:
         print(f"  example: {ex}")
+    result.update(track_adaptor(tracker, a, cfg, result))
+    result.update(tracker.close())
     emit(result, a.json)
     return result
 

@@ -11,7 +11,9 @@ sigma 1.0; middle: r 32, sigma 0.5; late t <= T/3: r 8, sigma 0.25 by default).
   its input embedding (`"embedding"`, the paper's literal reading). Emb(t) is a fixed
   sinusoidal embedding of t, so B_i: (d + d_t) -> r.
 - A_i(c) = W_A + W_A,cond Enc(c), with Enc(c) the mean of the base's hidden states over the
-  condition tokens. The conditional part is parameterised as a gate on the rank dimension,
+  condition tokens (`condition_repr="hidden"`, default) or of their input embeddings
+  (`"embedding"`: for a weak base whose final states carry little of the input's content).
+  The conditional part is parameterised as a gate on the rank dimension,
   W_A,cond Enc(c) := W_A diag(W_g Enc(c)), i.e. A_i(c) = W_A diag(1 + W_g Enc(c)): one
   (r x d) matrix W_g per module instead of a (d r x d) tensor, keeping the adaptor < 1% of
   the base. W_A starts at zero, so the adapted model equals the base at step 0.
@@ -33,6 +35,9 @@ from torch import nn
 
 from .models.dit import timestep_embedding
 
+#: Representations of x_t and of the condition c an adaptor can read from the frozen base.
+CONDITION_REPRS = ("hidden", "embedding")
+
 
 @dataclass
 class AdaptorConfig:
@@ -47,7 +52,10 @@ class AdaptorConfig:
         metadata={"help": "phase boundaries in t, descending; phase p holds t > boundaries[p]"},
     )
     k: int = field(default=2, metadata={"help": "modules per phase"})
-    input_repr: str = field(default="hidden", metadata={"help": "hidden | embedding"})
+    input_repr: str = field(default="hidden", metadata={"help": "x_t fed to B: hidden | embedding"})
+    condition_repr: str = field(
+        default="hidden", metadata={"help": "Enc(c): pooled base hidden | embedding of c"}
+    )
     time_embed_dim: int = field(default=32, metadata={"help": "sinusoidal Emb(t) size"})
     conditional: bool = field(default=True, metadata={"help": "A_i(c) depends on Enc(c)"})
     lambda_rank: float = field(default=0.01, metadata={"help": "nuclear-norm weight"})
@@ -69,8 +77,11 @@ class AdaptorConfig:
             0 < b < 1 for b in self.boundaries
         ):
             raise ValueError(f"adaptor: boundaries must descend within (0, 1): {self.boundaries}")
-        if self.input_repr not in ("hidden", "embedding"):
-            raise ValueError(f"adaptor.input_repr must be hidden or embedding: {self.input_repr!r}")
+        for name in ("input_repr", "condition_repr"):
+            if getattr(self, name) not in CONDITION_REPRS:
+                raise ValueError(
+                    f"adaptor.{name} must be hidden or embedding: {getattr(self, name)!r}"
+                )
 
     @classmethod
     def uniform(cls, rank: int, phases: int = 3, **kw) -> AdaptorConfig:

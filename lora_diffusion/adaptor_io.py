@@ -185,6 +185,7 @@ def save_router(path: str | Path, router: Router, tasks: list[str], base: nn.Mod
         "tasks": list(tasks),
         "hidden_size": lin1.in_features,
         "router_hidden": lin1.out_features,
+        "condition_repr": router.condition_repr,
         "base_fingerprint": base_fingerprint(base) if base is not None else None,
     }
     if lin2.out_features != len(tasks):
@@ -210,7 +211,7 @@ def load_router(path: str | Path, base: nn.Module | None = None) -> tuple[Router
         raise AdaptorFileError(
             f"{path}: router is for hidden size {d}, the base has {base.config.hidden_size}"
         )
-    router = Router(d, len(tasks), hidden)
+    router = Router(d, len(tasks), hidden, config.get("condition_repr", "hidden"))
     router.load_state_dict(read_tensors(path / ROUTER_WEIGHTS, router, "router."))
     return router, tasks
 

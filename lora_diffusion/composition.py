@@ -16,14 +16,22 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adaptor import TrajectoryAdaptor, pool_condition
+from .adaptor import CONDITION_REPRS, TrajectoryAdaptor, pool_condition
 
 
 class Router(nn.Module):
-    """Enc(c) (B, d) -> softmax task weights (B, n_tasks), through one hidden layer."""
+    """Enc(c) (B, d) -> softmax task weights (B, n_tasks), through one hidden layer.
 
-    def __init__(self, d: int, num_tasks: int, hidden: int = 512) -> None:
+    `condition_repr` says which encoding of the condition it reads, as for adaptors: the pooled
+    final hidden states of the base ("hidden") or its pooled input embeddings ("embedding")."""
+
+    def __init__(
+        self, d: int, num_tasks: int, hidden: int = 512, condition_repr: str = "hidden"
+    ) -> None:
         super().__init__()
+        if condition_repr not in CONDITION_REPRS:
+            raise ValueError(f"router condition_repr must be one of {CONDITION_REPRS}")
+        self.condition_repr = condition_repr
         self.net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_tasks))
 
     def logits(self, enc: torch.Tensor) -> torch.Tensor:
@@ -113,29 +121,47 @@ class AdaptedDenoiser(nn.Module):
         self._cache = (input_ids.clone(), attn.clone(), h) if reusable else None
         return h
 
-    def task_weight_matrix(self, enc: torch.Tensor) -> torch.Tensor:
+    def condition_encodings(
+        self, input_ids: torch.Tensor, h: torch.Tensor, condition_mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Enc(c) (B, d) in each representation an adaptor or the router reads: the mean over
+        condition positions of the base's final hidden states h (B, L, d) ("hidden") and/or of
+        its input embeddings ("embedding")."""
+        needed = {a.cfg.condition_repr for a in self.adaptors.values()}
+        if self.router is not None:
+            needed.add(self.router.condition_repr)
+        encs = {"hidden": pool_condition(h, condition_mask)}
+        if "embedding" in needed:
+            with torch.no_grad():
+                emb = self.base.input_embeddings(input_ids)
+            encs["embedding"] = pool_condition(emb, condition_mask)
+        return encs
+
+    def task_weight_matrix(self, encs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, n_tasks): fixed weights if set (one row (n,) or (1, n) is shared by the batch),
         else the router's, else 1 for a lone adaptor."""
+        enc = encs["hidden"]
         if self._weights is not None:
             w = self._weights.to(device=enc.device, dtype=enc.dtype)
             w = w[None] if w.dim() == 1 else w
             return w.expand(enc.shape[0], -1) if w.shape[0] == 1 else w
         if self.router is not None:
-            self.router_logits = self.router.logits(enc)  # kept for a routing loss
-            return self.router_logits.softmax(-1)
+            self.router_logits = self.router.logits(encs[self.router.condition_repr])
+            return self.router_logits.softmax(-1)  # the logits are kept for a routing loss
         if len(self.adaptors) == 1:
             return enc.new_ones(enc.shape[0], 1)
         raise ValueError("several adaptors and no router: give task_weights")
 
-    def perturbation(self, x_repr: dict, t, enc, w) -> torch.Tensor:
+    def perturbation(self, x_repr: dict, t, encs: dict, w) -> torch.Tensor:
         """sum_j w_j delta_j over N positions: x_repr maps input_repr -> (N, d); t (N,);
-        enc (N, d); w (N, n_tasks). Returns (N, d)."""
+        encs maps condition_repr -> (N, d); w (N, n_tasks). Returns (N, d)."""
         delta = None
         for j, adaptor in enumerate(self.adaptors.values()):
             active = w[:, j] != 0
             if not active.any():
                 continue
             x = x_repr[adaptor.cfg.input_repr][:, None]  # (N, 1, d): a position is an example
+            enc = encs[adaptor.cfg.condition_repr]
             dj = w[:, j, None] * adaptor(x, t, enc)[:, 0]
             delta = dj if delta is None else delta + dj
         return torch.zeros_like(x_repr["hidden"]) if delta is None else delta
@@ -150,8 +176,8 @@ class AdaptedDenoiser(nn.Module):
         if t is None:
             raise ValueError("the adapted denoiser needs t (B,) in [0, 1]")
         h = self.base_hidden(input_ids, attention_mask, t)
-        enc = pool_condition(h, condition_mask)  # (B, d)
-        w = self.task_weight_matrix(enc)  # (B, n_tasks)
+        encs = self.condition_encodings(input_ids, h, condition_mask)  # each (B, d)
+        w = self.task_weight_matrix(encs)  # (B, n_tasks)
         sel = (
             torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
             if condition_mask is None
@@ -162,7 +188,7 @@ class AdaptedDenoiser(nn.Module):
         if any(a.cfg.input_repr == "embedding" for a in self.adaptors.values()):
             with torch.no_grad():
                 x_repr["embedding"] = self.base.input_embeddings(input_ids)[sel]
-        delta = self.perturbation(x_repr, t[rows], enc[rows], w[rows])
+        delta = self.perturbation(x_repr, t[rows], {k: v[rows] for k, v in encs.items()}, w[rows])
         return h.index_put((sel.nonzero(as_tuple=True)), h[sel] + delta)
 
     def output_head(self, h: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,7 @@ def finetune(cfg: FinetuneConfig, report=None, progress: bool = True) -> dict:
         out = denoising_loss(model, batch, process, schedule, cfg.diffusion.weighting, gen)
         extras = bundle.extra_loss()
         loss = out.loss + sum(extras.values(), torch.zeros(()))
-        return loss, {"nll": float(out.nll), **{k: float(v) for k, v in extras.items()}}
+        return loss, {"nll": float(out.nll), **{k: float(v.detach()) for k, v in extras.items()}}
 
     out_dir = Path(cfg.output_dir)
 
@@ -207,6 +207,9 @@ def evaluate_all(cfg, model, base, tok, process, schedule, progress=False) -> di
         "eval_valid_rate": gen["valid_rate"],
         "eval_accuracy_scoring": score["accuracy"],
         "eval_n": gen["n"],
+        "eval_network_calls": gen["network_calls"],
+        "eval_calls_saved": gen["calls_saved"],
+        **{f"eval_{k}": gen[k] for k in ("base_calls", "base_calls_saved") if k in gen},
         "eval_examples": gen.get("examples", []),
     }
     if cfg.forgetting_blocks:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .adaptor import AdaptorConfig, TrajectoryAdaptor, pool_condition
+from .adaptor import AdaptorConfig, TrajectoryAdaptor
 from .composition import AdaptedDenoiser, Router
 from .config import DiffusionConfig
 from .data import collate, tokenize_task
@@ -126,7 +126,8 @@ def build_multitask_model(cfg: MultitaskConfig, base) -> AdaptedDenoiser:
         adaptors[task] = (
             load_adaptor(dirs[task], base)[0] if task in dirs else TrajectoryAdaptor(cfg.adaptor, d)
         )
-    model = AdaptedDenoiser(base, adaptors, Router(d, len(cfg.tasks), cfg.router_hidden))
+    router = Router(d, len(cfg.tasks), cfg.router_hidden, cfg.adaptor.condition_repr)
+    model = AdaptedDenoiser(base, adaptors, router)
     if cfg.train_router_only:
         model.adaptors.requires_grad_(False)
     return model
@@ -235,7 +236,8 @@ def routing_accuracy(model: AdaptedDenoiser, rows, task_index: int, pad_id: int)
         b = collate([rows[j] for j in range(i, min(i + 64, len(rows)))], pad_id)
         ids = b["input_ids"].masked_fill(b["target_mask"], model.mask_token_id)
         cond = b["attention_mask"].bool() & ~b["target_mask"]
-        enc = pool_condition(model.base_hidden(ids, b["attention_mask"], None), cond)
+        h = model.base_hidden(ids, b["attention_mask"], None)
+        enc = model.condition_encodings(ids, h, cond)[model.router.condition_repr]
         hits += int((model.router(enc).argmax(-1) == task_index).sum())
         n += len(ids)
     return hits / n

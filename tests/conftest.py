@@ -51,3 +51,12 @@ def tiny_base_dir(tiny_model, tiny_tokenizer, tmp_path) -> Path:
     tiny_model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracking_store(tmp_path_factory) -> str:
+    """Jobs track to MLflow by default (SQLite in the cwd): point every job the tests run at a
+    tmp store instead, so test runs leave no mlflow.db or mlartifacts/ in the repo."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri

@@ -103,6 +103,17 @@ def test_embedding_input_reads_the_base_input_embeddings(tiny_model):
     assert torch.equal(got[cond], h[cond])
 
 
+def test_embedding_condition_reads_the_pooled_input_embeddings_of_c(tiny_model):
+    cfg = AdaptorConfig(condition_repr="embedding")
+    adaptor = randomise(TrajectoryAdaptor(cfg, D))
+    model = AdaptedDenoiser(tiny_model, adaptor)
+    x, cond = inputs()
+    h = tiny_model.hidden_states(x)
+    enc = pool_condition(tiny_model.input_embeddings(x), cond)
+    expected = h + adaptor(h, T4, enc)
+    torch.testing.assert_close(model.hidden_states(x, None, T4, cond)[~cond], expected[~cond])
+
+
 @pytest.mark.parametrize(
     "cfg",
     [

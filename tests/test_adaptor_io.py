@@ -155,10 +155,10 @@ def test_missing_folder_and_broken_json_are_refused(tmp_path, tiny_model):
 
 def test_router_round_trip(tmp_path, tiny_model):
     torch.manual_seed(0)
-    router = Router(D, 3)
+    router = Router(D, 3, condition_repr="embedding")
     save_router(tmp_path, router, ["sst2", "cola", "trec"], tiny_model)
     loaded, tasks = load_router(tmp_path, tiny_model)
-    assert tasks == ["sst2", "cola", "trec"]
+    assert tasks == ["sst2", "cola", "trec"] and loaded.condition_repr == "embedding"
     enc = torch.randn(5, D)
     assert torch.equal(router(enc), loaded(enc))
 

@@ -1,0 +1,100 @@
+"""How much of a task a frozen base exposes: linear probes on candidate condition encodings.
+
+    python benchmarks/probe_condition.py --base runs/base-small/model --task sst2
+
+An output-space adaptor can only use what the frozen base's representations carry. For each
+candidate Enc(c) (the mean over the condition tokens of the input embeddings, of each block's
+output, and of the final hidden states; and the final hidden state at the first target
+position), fits a logistic-regression probe on --train-limit training examples and prints its
+train and eval accuracy. Chance-level probes on the final states say the adaptor should read
+another encoding (`adaptor.condition_repr=embedding`) or that the base needs more pretraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lora_diffusion.adaptor import pool_condition  # noqa: E402
+from lora_diffusion.data import collate, tokenize_task  # noqa: E402
+from lora_diffusion.models import load_base  # noqa: E402
+
+
+@torch.no_grad()
+def features(base, tok, task, split, limit, data_dir, max_length=128) -> tuple[dict, torch.Tensor]:
+    """{encoding name: (N, d)} and labels (N,) for `split`, targets masked as when sampling."""
+    blocks: dict[int, torch.Tensor] = {}
+    hooks = [
+        blk.register_forward_hook(lambda m, a, out, i=i: blocks.__setitem__(i, out))
+        for i, blk in enumerate(base.transformer.blocks)
+    ]
+    rows = list(tokenize_task(task, split, tok, max_length, data_dir, limit=limit)
+                .with_format("python"))  # fmt: skip
+    feats: dict[str, list] = {}
+    labels = []
+    for i in range(0, len(rows), 64):
+        b = collate(rows[i : i + 64], tok.pad_token_id)
+        ids = b["input_ids"].masked_fill(b["target_mask"], tok.mask_token_id)
+        cond = b["attention_mask"].bool() & ~b["target_mask"]
+        h = base.hidden_states(ids, b["attention_mask"])  # (B, L, d)
+        first = b["target_mask"].float().argmax(1)  # first target position (B,)
+        named = {"embedding (pooled)": pool_condition(base.input_embeddings(ids), cond)}
+        named.update({f"block {j} (pooled)": pool_condition(x, cond) for j, x in blocks.items()})
+        named["final hidden (pooled)"] = pool_condition(h, cond)
+        named["final hidden at target"] = h[torch.arange(len(ids)), first]
+        for k, v in named.items():
+            feats.setdefault(k, []).append(v)
+        labels.append(b["labels"])
+    for hook in hooks:
+        hook.remove()
+    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
+
+
+def probe(xtr, ytr, xte, yte, steps: int = 500) -> tuple[float, float]:
+    """Standardised logistic regression (Adam, light L2): (train accuracy, eval accuracy)."""
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    a, b = (xtr - mu) / sd, (xte - mu) / sd
+    n = int(max(ytr.max(), yte.max())) + 1
+    w = torch.zeros(a.shape[1], n, requires_grad=True)
+    bias = torch.zeros(n, requires_grad=True)
+    opt = torch.optim.Adam([w, bias], lr=1e-2)
+    for _ in range(steps):
+        loss = F.cross_entropy(a @ w + bias, ytr) + 1e-3 * w.pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        acc = lambda x, y: float(((x @ w + bias).argmax(-1) == y).float().mean())
+        return acc(a, ytr), acc(b, yte)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True)
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--train-limit", type=int, default=4000)
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--data-dir", default=None)
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    base, tok = load_base(a.base)
+    ftr, ytr = features(base, tok, a.task, "train", a.train_limit, a.data_dir)
+    fte, yte = features(base, tok, a.task, "eval", a.eval_limit, a.data_dir)
+    majority = float((yte == yte.mode().values).float().mean())
+    print(f"task {a.task}: {len(ytr)} train / {len(yte)} eval examples; majority {majority:.3f}")
+    print(f"{'encoding':28s} {'train acc':>9s} {'eval acc':>9s}")
+    out = {}
+    for name in ftr:
+        out[name] = probe(ftr[name], ytr, fte[name], yte)
+        print(f"{name:28s} {out[name][0]:9.3f} {out[name][1]:9.3f}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
