@@ -130,7 +130,7 @@ def main(argv=None) -> list[dict]:
 
 
 def _plot(runs: list[dict], path: Path) -> None:
-    from lora_diffusion.plots import pyplot
+    from lora_diffusion.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -142,10 +142,7 @@ def _plot(runs: list[dict], path: Path) -> None:
     ax.set_ylabel("dev accuracy (scoring)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

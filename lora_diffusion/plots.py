@@ -20,6 +20,16 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Write `fig` as a PNG at `path` (parents created) and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
 def plot_history(
     history: Sequence[dict], path: str | Path, keys: Sequence[str] = ("loss", "nll"), title=""
 ) -> Path:
@@ -35,12 +45,7 @@ def plot_history(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_effective_ranks(report: dict, path: str | Path, title: str = "") -> Path:
@@ -59,9 +64,4 @@ def plot_effective_ranks(report: dict, path: str | Path, title: str = "") -> Pat
     ax.set_xlabel("phase.module (phase 0 = earliest, noisiest)")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
