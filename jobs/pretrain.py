@@ -23,6 +23,9 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="small", choices=list(PRESETS), help="model size")
     p.add_argument("--corpus-dir", default=None, help="default: <data-dir>/corpus")
     p.add_argument("--tokenizer", default=None, help="reuse this saved tokenizer (folder)")
+    p.add_argument(
+        "--init-from", default=None, help="continue pretraining this saved base (its tokenizer too)"
+    )
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
     p.add_argument("--block-length", type=int, default=128, help="tokens per training block")
     p.add_argument("--batch-size", type=int, default=16, help="blocks per optimizer step")
@@ -48,6 +51,7 @@ def build_config(a) -> PretrainConfig:
         preset=a.preset,
         vocab_size=a.vocab_size,
         tokenizer=a.tokenizer,
+        init_from=a.init_from,
         block_length=a.block_length,
         time_conditioning=a.time_conditioning,
         max_documents=a.max_documents,

@@ -198,6 +198,12 @@ class Tracker:
                 self._guard("tags", _set_run_tag, "registered_model", name)
         return out
 
+    def worker_spec(self) -> dict | None:
+        """What a Ray worker needs to log into this run (see `RunLogger`); None when off."""
+        if not self.active or self.failed:
+            return None
+        return {"uri": self.uri, "run_id": self.run_id}
+
     def close(self) -> dict:
         """End the run; returns the keys the job adds to its results."""
         import mlflow
@@ -218,6 +224,34 @@ class Tracker:
                 mlflow.end_run("FAILED")
             except Exception:  # already failing; the job's own error is the one to show
                 pass
+
+
+class RunLogger:
+    """Per-step metrics from a training worker (rank 0) into the driver's run, by run id.
+    Like Tracker, it warns once and stops at the first failure: training goes on."""
+
+    def __init__(self, spec: dict | None) -> None:
+        self.spec, self.failed = spec, False
+        if spec:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(spec["uri"])
+
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.spec or self.failed:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)]  # fmt: skip
+        try:
+            self.client.log_batch(self.spec["run_id"], metrics=batch)
+        except Exception as e:  # the server dropped: keep training, results stay on disk
+            self.failed = True
+            print(f"warning: MLflow metric logging stopped: {str(e)[:300]}", file=sys.stderr)
 
 
 def _set_run_tag(key: str, value: str) -> None:

@@ -2,6 +2,9 @@
 
     python jobs/train.py --method lora_diffusion --task sst2 --base runs/base-small/model \\
         --output-dir runs/sst2-lora-diffusion
+
+The loop runs in Ray Train's TorchTrainer: on a local Ray runtime started by the job, on the
+cluster of $RAY_ADDRESS (`ray job submit -- python jobs/train.py ...`) or of --address.
 """
 
 from __future__ import annotations
@@ -9,11 +12,22 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jobs import raytrain  # noqa: E402
 from jobs.common import base_parser, emit, fail  # noqa: E402
-from jobs.tracking import Tracker, add_tracking_flags, run_name, track_adaptor  # noqa: E402
+from jobs.tracking import (  # noqa: E402
+    RunLogger,
+    Tracker,
+    add_tracking_flags,
+    check_reachable,
+    run_name,
+    track_adaptor,
+    tracking_uri,
+)
 from lora_diffusion.baselines import DEFAULT_LR  # noqa: E402
 from lora_diffusion.config import apply_overrides  # noqa: E402
 from lora_diffusion.finetune import METHODS, FinetuneConfig, finetune  # noqa: E402
@@ -43,9 +57,13 @@ def parse_args(argv=None):
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate only N examples")
     p.add_argument("--eval-steps", type=int, default=None, help="sampling steps at evaluation")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint interval (steps)")
-    p.add_argument("--resume-from", default=None, help="checkpoint folder to resume from")
+    p.add_argument(
+        "--resume-from", default=None,
+        help="a training-state folder to start from (Ray reruns resume by themselves)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    raytrain.add_ray_flags(p)
     add_tracking_flags(p, "register the adaptor as a new version of NAME (default <task>-<method>)")
     p.add_argument(
         "--base-model-name",
@@ -102,21 +120,31 @@ def main(argv=None) -> dict:
         fail(f"unknown method {a.method!r}; known: {', '.join(METHODS)}")
     if a.task not in TASKS:
         fail(f"unknown task {a.task!r}; known: {', '.join(TASKS)}")
+    raytrain.check_flags(a)
+    if a.strategy == "fsdp" and a.method != "lora_diffusion":
+        fail(f"--strategy fsdp shards the frozen base: it needs --method lora_diffusion "
+             f"(the base of {a.method!r} is not whole and frozen); use --strategy ddp")  # fmt: skip
     try:
         cfg = build_config(a)
     except (KeyError, ValueError) as e:
         fail(str(e))
+    if not os.path.exists(cfg.base) and "/" not in cfg.base.strip("./"):
+        fail(f"base {cfg.base!r} not found (a model folder, or a hub id like org/name)")
+    if not a.no_tracking:  # the quick check first: a dead server fails in seconds
+        check_reachable(tracking_uri(a.tracking_uri))
+    resources = None if a.no_ray else raytrain.connect(a)  # exits before any work if short
 
     tracker = Tracker.from_args(a, f"lora-diffusion/{a.task}", run_name(cfg))
-    tracker.log_config(cfg, task=a.task, method=a.method)
-
-    def report(step, m):
-        tracker.report(step, m)
-        if step % 50 == 0:
-            print(f"step {step}: loss {m['loss']:.4f} nll {m['nll']:.4f}", flush=True)
-
+    tracker.log_config(cfg, task=a.task, method=a.method, workers=a.num_workers,
+                       strategy=a.strategy if a.num_workers > 1 else "single")  # fmt: skip
     try:
-        result = finetune(cfg, report=report, progress=not a.no_progress)
+        if a.no_ray:
+            result = finetune(cfg, report=_printer(tracker.report), progress=not a.no_progress)
+        else:
+            config = {"cfg": _absolute(cfg), "tracking": tracker.worker_spec(), "progress": False}
+            result, _ = raytrain.run(train_loop, config, a, resources)
+            result.update(_read_examples(a.output_dir))
+            result["adaptor_dir"] = str(Path(a.output_dir) / "adaptor")
     except FileNotFoundError as e:
         tracker.abort()
         fail(str(e))
@@ -130,6 +158,51 @@ def main(argv=None) -> dict:
     result.update(tracker.close())
     emit(result, a.json)
     return result
+
+
+def _absolute(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Local paths made absolute: Ray workers do not share the driver's working directory."""
+    paths = {k: os.path.abspath(getattr(cfg, k)) for k in
+             ("base", "data_dir", "corpus_dir", "cache_dir", "resume_from")
+             if getattr(cfg, k) and os.path.exists(getattr(cfg, k))}  # fmt: skip
+    return dataclasses.replace(cfg, **paths)
+
+
+def _printer(report):
+    def f(step, m):
+        report(step, m)
+        if step % 50 == 0:
+            print(f"step {step}: loss {m['loss']:.4f} nll {m['nll']:.4f}", flush=True)
+
+    return f
+
+
+def _read_examples(output_dir: str) -> dict:
+    """The full results rank 0 wrote (lists and all; Ray's metrics keep only scalars)."""
+    import json
+
+    path = Path(output_dir) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker: the library's `finetune` with this worker's rank, DDP/FSDP and
+    checkpoints through Ray (restored after a worker failure or on a rerun of the run)."""
+    dist = raytrain.worker_context(config)
+    raytrain.pid_file(config, dist.rank)
+    work = Path(tempfile.mkdtemp(prefix="ld-train-"))
+    resume = raytrain.resume_dir("train")
+    cfg = dataclasses.replace(
+        config["cfg"], output_dir=str(work / "output"),
+        resume_from=resume or config["cfg"].resume_from, threads=None,
+    )  # fmt: skip
+    logger = RunLogger(config["tracking"] if dist.rank == 0 else None)
+    result = finetune(
+        cfg, report=_printer(logger.report), progress=config["progress"], dist=dist,
+        checkpoint_hook=raytrain.checkpoint_hook(dist.rank, work / "state"),
+    )  # fmt: skip
+    result.update(raytrain.SHARD_STATS)
+    raytrain.report_final(dist.rank, result, work / "output", work / "state")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from .models import load_base
 from .plots import plot_history
 from .registry import Registry
 from .schedules import get_schedule
-from .training import StepSampler, TrainConfig, fit, save_checkpoint
+from .training import Distributed, StepSampler, TrainConfig, fit, save_checkpoint
 
 
 @dataclass
@@ -84,18 +84,61 @@ def build_lora_diffusion(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
             "reg_orth": cfg.adaptor.lambda_orth * reg["orth"],
         }
 
+    # model.base, not `base`: a data-parallel run with a sharded base swaps in a whole copy
     def save(path: Path) -> None:
-        save_adaptor(path, adaptor, base, task=cfg.task, method="lora_diffusion")
+        save_adaptor(path, adaptor, model.base, task=cfg.task, method="lora_diffusion")
 
-    return MethodBundle(model, extra, save, describe=lambda: adaptor_report(adaptor, base))
+    return MethodBundle(model, extra, save, describe=lambda: adaptor_report(adaptor, model.base))
+
+
+class LossModule(nn.Module):
+    """The whole training loss as one module's forward (denoising NLL + the method's extras), so
+    a data-parallel wrapper (DDP) sees every trainable parameter the loss touches."""
+
+    def __init__(self, model, extra_loss, process, schedule, weighting, shard=None) -> None:
+        super().__init__()
+        self.model, self.extra_loss = model, extra_loss
+        self.process, self.schedule, self.weighting, self.shard = (
+            process, schedule, weighting, shard,
+        )  # fmt: skip
+
+    def forward(self, batch: dict, gen: torch.Generator):
+        out = denoising_loss(
+            self.model, batch, self.process, self.schedule, self.weighting, gen, shard=self.shard
+        )
+        extras = self.extra_loss()
+        return out.loss + sum(extras.values(), torch.zeros(())), out.nll, extras
+
+
+CheckpointHook = Callable[[int, Callable[[Path], None]], None]
 
 
 def _trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def finetune(cfg: FinetuneConfig, report=None, progress: bool = True) -> dict:
-    """Train `cfg.method` on `cfg.task`, save it, evaluate it; returns the results."""
+def finetune(
+    cfg: FinetuneConfig,
+    report=None,
+    progress: bool = True,
+    dist: Distributed | None = None,
+    checkpoint_hook: CheckpointHook | None = None,
+) -> dict:
+    """Train `cfg.method` on `cfg.task`, save it, evaluate it; returns the results.
+
+    Data-parallel (`dist`): every rank runs this; each computes the loss on its rows of every
+    global batch, through `dist.prepare` (DDP). Rank 0 alone saves, evaluates and writes files;
+    the other ranks return {"rank": r, "steps": n} after training.
+    checkpoint_hook(step, save_into) is called on every rank every `cfg.checkpoint_every`
+    steps; `save_into(folder)` writes the training state there (default: rank 0 saves to
+    OUTPUT_DIR/checkpoints/last).
+    """
+    dist = dist or Distributed()
+    if dist.sharded_base and cfg.method != "lora_diffusion":
+        raise ValueError(
+            f"a sharded base (FSDP) needs a method that leaves the base whole and frozen "
+            f"(lora_diffusion), not {cfg.method!r}: shard nothing (DDP) instead"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -114,25 +157,39 @@ def finetune(cfg: FinetuneConfig, report=None, progress: bool = True) -> dict:
 
     def get_batch(step: int, m: int) -> dict:
         idx = sampler.indices(step)[m * micro : (m + 1) * micro].tolist()
-        return collate([train_ds[i] for i in idx], tok.pad_token_id)
+        batch = collate([train_ds[i] for i in idx], tok.pad_token_id)
+        return {k: v.to(dist.device) for k, v in batch.items()}
+
+    weighting = cfg.diffusion.weighting
+    loss_module = dist.prepare(
+        LossModule(model, bundle.extra_loss, process, schedule, weighting, dist.shard)
+    )
 
     def loss_fn(batch, gen):
-        out = denoising_loss(model, batch, process, schedule, cfg.diffusion.weighting, gen)
-        extras = bundle.extra_loss()
-        loss = out.loss + sum(extras.values(), torch.zeros(()))
-        return loss, {"nll": float(out.nll), **{k: float(v.detach()) for k, v in extras.items()}}
+        loss, nll, extras = loss_module(batch, gen)
+        return loss, {"nll": float(nll), **{k: float(v.detach()) for k, v in extras.items()}}
 
     out_dir = Path(cfg.output_dir)
 
-    def checkpoint(step, opt, sched, state):
-        save_checkpoint(out_dir / "checkpoints" / "last", model, opt, sched, state)
+    def default_hook(step, save_into):
+        if dist.rank == 0:
+            save_into(out_dir / "checkpoints" / "last")
 
+    def checkpoint(step, opt, sched, state):
+        hook = checkpoint_hook or default_hook
+        hook(step, lambda folder: save_checkpoint(folder, model, opt, sched, state))
+
+    lead = dist.rank == 0
     state = fit(
-        model, loss_fn, get_batch, cfg.train, report=report, checkpoint=checkpoint,
-        checkpoint_every=cfg.checkpoint_every or cfg.train.max_steps,
-        resume_from=cfg.resume_from, progress=progress,
+        model, loss_fn, get_batch, cfg.train, report=report if lead else None,
+        checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every or cfg.train.max_steps,
+        resume_from=cfg.resume_from, progress=progress and lead, all_reduce=dist.all_reduce,
     )  # fmt: skip
     train_seconds = time.perf_counter() - start
+    if not lead:
+        return {"rank": dist.rank, "steps": state.step}
+    if dist.sharded_base:  # the frozen base was sharded across ranks: use a whole copy from here
+        base = model.base = load_base(cfg.base)[0].to(dist.device).requires_grad_(False)
     bundle.save(out_dir / "adaptor")
     result = {
         "method": cfg.method,
@@ -141,6 +198,7 @@ def finetune(cfg: FinetuneConfig, report=None, progress: bool = True) -> dict:
         "train_loss": state.history[-1]["loss"],
         "train_nll": state.history[-1]["nll"],
         "steps": state.step,
+        "resumed_from_step": _checkpoint_step(cfg.resume_from),
         "train_seconds": train_seconds,
     }
     result["convergence_step"] = _convergence(state.history)
@@ -150,6 +208,13 @@ def finetune(cfg: FinetuneConfig, report=None, progress: bool = True) -> dict:
     result.update(adaptor_dir=str(out_dir / "adaptor"), seconds=time.perf_counter() - start)
     _write_results(out_dir, result, state.history, cfg)
     return result
+
+
+def _checkpoint_step(folder: str | None) -> int:
+    """The step a run resumed from (0: it started fresh)."""
+    if not folder:
+        return 0
+    return int(json.loads((Path(folder) / "state.json").read_text())["step"])
 
 
 def _convergence(history: list[dict]) -> int | None:

@@ -38,11 +38,16 @@ def denoising_loss(
     weighting: str = "elbo",
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> LossOutput:
     """Corrupt the batch's target tokens at random t, denoise, score the clean tokens.
 
     batch: input_ids (B, L), attention_mask (B, L), target_mask (B, L) bool.
     t: optional fixed times (B,); sampled low-discrepancy in [0, 1] when omitted.
+    shard: (rank, world_size) for data-parallel training. `batch` is then the global batch:
+    the noise is drawn for all of it (the same on every rank), the network runs on rows
+    rank::world_size only, and the loss is scaled so that the mean over ranks (what DDP's
+    gradient averaging computes) equals the single-process loss of the global batch exactly.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; choose from {WEIGHTINGS}")
@@ -56,20 +61,27 @@ def denoising_loss(
     if t is None:
         t = sample_t(x0.shape[0], generator=generator, device=x0.device)
     xt, changed = process.corrupt(x0, schedule.alpha(t), target_mask, generator)
+    # Denominators of the global batch: the number of targets, and of loss positions.
+    den_elbo = max(int(target_mask.sum()), 1)
+    den_simple = max(int((changed if process.loss_on_corrupted_only else target_mask).sum()), 1)
+    if shard is not None:
+        rank, world = shard
+        x0, xt, attn, t = x0[rank::world], xt[rank::world], attn[rank::world], t[rank::world]
+        target_mask, changed = target_mask[rank::world], changed[rank::world]
+        den_elbo, den_simple = den_elbo / world, den_simple / world
     cond_mask = attn.bool() & ~target_mask
     h = denoiser.hidden_states(xt, attn, t, condition_mask=cond_mask)  # (B, L, d)
     loss_pos = changed if process.loss_on_corrupted_only else target_mask
     logits = denoiser.output_head(h[loss_pos])  # (N, V), N = loss positions
     nll = F.cross_entropy(logits.float(), x0[loss_pos], reduction="none")  # (N,)
-    num_targets = int(target_mask.sum())
     n = nll.numel()
     if weighting == "elbo":
         w = schedule.elbo_weight(t)[:, None].expand_as(loss_pos)[loss_pos]  # (N,)
-        loss = (w * nll).sum() / max(num_targets, 1)
+        loss = (w * nll).sum() / den_elbo
     else:
-        loss = nll.sum() / max(n, 1)
+        loss = nll.sum() / den_simple
     mean_nll = nll.detach().mean() if n else nll.detach().sum()
-    return LossOutput(loss, mean_nll, n, num_targets)
+    return LossOutput(loss, mean_nll, n, int(target_mask.sum()))
 
 
 @torch.no_grad()

@@ -37,6 +37,9 @@ class PretrainConfig:
     preset: str = field(default="small", metadata={"help": "model size preset"})
     vocab_size: int | None = field(default=None, metadata={"help": "default: the preset's"})
     tokenizer: str | None = field(default=None, metadata={"help": "reuse a saved tokenizer"})
+    init_from: str | None = field(
+        default=None, metadata={"help": "continue from this saved base (weights + tokenizer)"}
+    )
     block_length: int = field(default=128, metadata={"help": "tokens per packed block"})
     time_conditioning: bool = field(default=False, metadata={"help": "adaLN on t (off: MDLM)"})
     max_documents: int | None = field(default=None, metadata={"help": "cap (tests, demos)"})
@@ -52,8 +55,8 @@ class PretrainConfig:
 
 
 def build_tokenizer(cfg: PretrainConfig, train_files: list[Path], vocab_size: int):
-    if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
+    if cfg.tokenizer or cfg.init_from:
+        return load_tokenizer(cfg.tokenizer or cfg.init_from)
     docs = [d for f in train_files for d in read_documents(f)][: cfg.max_documents]
     return train_bpe_tokenizer(docs, vocab_size=vocab_size)
 
@@ -71,7 +74,12 @@ def pretrain(cfg: PretrainConfig, report=None, progress: bool = True) -> dict:
     heldout = packed_blocks(heldout_files, tok, cfg.block_length, cfg.cache_dir)
     heldout = heldout[: cfg.heldout_blocks]
 
-    model = DiffusionLM(_model_config(cfg, tok))
+    if cfg.init_from:  # continued pretraining: same architecture and tokenizer, new schedule
+        model = DiffusionLM.from_pretrained(cfg.init_from)
+        if model.config.vocab_size != len(tok):
+            raise ValueError(f"{cfg.init_from}: model vocabulary != its tokenizer's")
+    else:
+        model = DiffusionLM(_model_config(cfg, tok))
     process = get_process(cfg.diffusion.process, len(tok), tok.mask_token_id)
     schedule = get_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
     sampler = StepSampler(len(train), cfg.train.batch_size, cfg.train.seed)

@@ -5,8 +5,9 @@ supports it, gradient clipping, periodic evaluation, progress and metrics to a c
 
 Resume is bit-exact because nothing random is carried between steps: the batch of step k is a
 pure function of (seed, k) (an epoch permutation), and the diffusion noise of step k comes from
-a generator seeded with (seed, k, rank). A checkpoint holds the trainable weights, optimizer,
-scheduler and step; see `save_checkpoint` / `load_checkpoint`.
+a generator seeded with (seed, k). Data-parallel ranks all draw the noise of the global batch
+and keep their own rows, so any number of workers trains exactly like one. A checkpoint holds
+the trainable weights, optimizer, scheduler and step; see `save_checkpoint` / `load_checkpoint`.
 """
 
 from __future__ import annotations
@@ -88,9 +89,9 @@ def _gen(*seeds: int) -> torch.Generator:
     return torch.Generator().manual_seed(s)
 
 
-def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """The noise generator of one training step on one rank."""
-    return _gen(seed, 7919, step, rank)
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The noise generator of one training step (the same on every rank)."""
+    return _gen(seed, 7919, step, 0)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -160,6 +161,27 @@ def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p for k, p in module.named_parameters() if p.requires_grad}
 
 
+@dataclass
+class Distributed:
+    """How a loop runs in a process group. Ray-free: `jobs/raytrain.py` fills it from Ray Train.
+
+    rank, world_size: this process's place; prepare(module) wraps the module that computes the
+    loss for data-parallel training (DDP) and returns what to call instead; all_reduce(metrics)
+    averages scalar metrics over ranks (called by every rank at the same steps). With
+    `sharded_base`, rank 0 reloads the base whole for saving and evaluation after training."""
+
+    rank: int = 0
+    world_size: int = 1
+    prepare: Callable[[nn.Module], nn.Module] = field(default=lambda m: m)
+    all_reduce: Callable[[dict[str, float]], dict[str, float]] | None = None
+    device: str = "cpu"
+    sharded_base: bool = False  # prepare() shards the frozen base (FSDP) across the ranks
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        return (self.rank, self.world_size) if self.world_size > 1 else None
+
+
 LossFn = Callable[[dict, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -174,7 +196,7 @@ def fit(
     checkpoint_every: int = 0,
     resume_from: str | Path | None = None,
     progress: bool = True,
-    rank: int = 0,
+    all_reduce: Callable[[dict[str, float]], dict[str, float]] | None = None,
 ) -> TrainState:
     """Train `module`'s parameters that require grad.
 
@@ -182,6 +204,8 @@ def fit(
     `micro` of step `step` (already on the right device); evaluate() -> metrics, run every
     `cfg.eval_every` steps and at the end; report(step, metrics) receives every log line;
     checkpoint(step, opt, sched, state) is called every `checkpoint_every` steps.
+    Data-parallel: every rank calls fit; `all_reduce` averages the logged metrics over ranks,
+    and the caller passes `report`, `evaluate` and `progress` on rank 0 only.
     """
     params = [p for p in module.parameters() if p.requires_grad]
     opt, sched = build_optimizer(params, cfg)
@@ -190,12 +214,14 @@ def fit(
     t0, tokens = time.perf_counter(), 0
     while state.step < cfg.max_steps:
         step = state.step
-        metrics, ntok = _train_step(module, loss_fn, get_batch, cfg, opt, params, step, rank)
+        metrics, ntok = _train_step(module, loss_fn, get_batch, cfg, opt, params, step)
         sched.step()
         tokens += ntok
         state.step = step + 1
         last = state.step == cfg.max_steps
         if state.step % cfg.log_every == 0 or last or step == 0:
+            if all_reduce is not None:
+                metrics = all_reduce(metrics)
             metrics["lr"] = sched.get_last_lr()[0]
             metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
             if evaluate and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
@@ -211,13 +237,13 @@ def fit(
     return state
 
 
-def _train_step(module, loss_fn, get_batch, cfg, opt, params, step, rank):
+def _train_step(module, loss_fn, get_batch, cfg, opt, params, step):
     """One optimizer step over cfg.grad_accum micro-batches; returns (metrics, tokens)."""
     module.train()
     opt.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
     ntok = 0
-    gen = step_generator(cfg.seed, step, rank)
+    gen = step_generator(cfg.seed, step)
     for micro in range(cfg.grad_accum):
         batch = get_batch(step, micro)
         device_type = batch["input_ids"].device.type

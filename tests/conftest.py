@@ -60,3 +60,40 @@ def tracking_store(tmp_path_factory) -> str:
     uri = f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A real local Ray cluster (`ray start --head`, 2 CPUs, dashboard and job server on
+    127.0.0.1) for the whole session. Jobs the tests run join it through $RAY_ADDRESS, as
+    `ray job submit` jobs do. Yields the dashboard (job submission) address."""
+    import shutil
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from jobs.raytrain import RAY_ENV
+
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+    port, dash = _free_port(), _free_port()
+    subprocess.run(
+        [ray, "start", "--head", "--num-cpus", "2", "--num-gpus", "0", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats"],
+        check=True, capture_output=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)

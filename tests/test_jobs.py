@@ -82,7 +82,7 @@ def test_bad_flags_fail_with_a_clear_message(tmp_path, data_dir):
 
 
 @pytest.fixture(scope="module")
-def trained(pretrained, tmp_path_factory, data_dir):
+def trained(pretrained, tmp_path_factory, data_dir, ray_cluster):
     _, base = pretrained
     out = tmp_path_factory.mktemp("train")
     proc = run_job(
@@ -107,7 +107,9 @@ def test_train_job_saves_an_adaptor_and_reports_every_promised_key(trained):
     calls = result["eval_base_calls"] + result["eval_base_calls_saved"]
     assert calls == result["eval_network_calls"] > 0
     assert (Path(result["adaptor_dir"]) / "adapter_config.json").exists()
-    assert (out / "checkpoints" / "last" / "trainable.safetensors").exists()
+    # Ray Train checkpoints: the training state of the last step, under OUTPUT_DIR/ray/train
+    states = sorted((out / "ray" / "train").glob("checkpoint_*/state/trainable.safetensors"))
+    assert states and json.loads((states[-1].parent / "state.json").read_text())["step"] == 6
     for plot in ("train_curves.png", "effective_rank.png"):
         assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     report = json.loads((out / "adaptor_report.json").read_text())

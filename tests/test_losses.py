@@ -86,3 +86,30 @@ def test_bad_weighting_is_named(tiny_model, tiny_tokenizer):
         _loss(tiny_model, tiny_tokenizer, cond_batch(tiny_tokenizer), "bogus")
     with pytest.raises(ValueError, match="simple"):
         _loss(tiny_model, tiny_tokenizer, cond_batch(tiny_tokenizer), "elbo", "uniform")
+
+
+@pytest.mark.parametrize("weighting", ["elbo", "simple"])
+def test_sharded_loss_averages_to_the_global_batch_loss_and_gradient(
+    tiny_model, tiny_tokenizer, weighting
+):
+    """What data-parallel training relies on: the mean over ranks of each rank's loss on its
+    rows (the noise drawn for the whole batch) is the single-process loss, gradient included."""
+    tok = tiny_tokenizer
+    b = cond_batch(tok, b=6)
+    b["attention_mask"][1, 8:] = 0  # ragged rows: ranks get different numbers of targets
+    proc = get_process("absorbing", len(tok), tok.mask_token_id)
+    sched = get_schedule("loglinear")
+    params = [p for p in tiny_model.parameters() if p.requires_grad]
+
+    def loss_and_grad(shard):
+        tiny_model.zero_grad()
+        g = torch.Generator().manual_seed(3)
+        loss = denoising_loss(tiny_model, b, proc, sched, weighting, g, shard=shard).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    full, full_grad = loss_and_grad(None)
+    parts = [loss_and_grad((r, 3)) for r in range(3)]
+    assert sum(p[0] for p in parts) / 3 == pytest.approx(float(full), rel=1e-5)
+    for i, g in enumerate(full_grad):
+        torch.testing.assert_close(sum(p[1][i] for p in parts) / 3, g, rtol=1e-4, atol=1e-6)

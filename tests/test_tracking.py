@@ -51,7 +51,7 @@ def base(store, tmp_path_factory, data_dir):
 
 
 @pytest.fixture(scope="module")
-def tracked(store, base, tmp_path_factory, data_dir):
+def tracked(store, base, tmp_path_factory, data_dir, ray_cluster):
     out = tmp_path_factory.mktemp("train")
     proc = run_job(
         "jobs/train.py", *TINY_TRAIN, "--base", base["model_dir"], "--output-dir", str(out),
@@ -175,7 +175,7 @@ def test_unreachable_server_fails_before_training(base, tmp_path):
     assert time.perf_counter() - start < 20
 
 
-def test_train_run_logs_to_a_real_mlflow_server(base, tmp_path, data_dir):
+def test_train_run_logs_to_a_real_mlflow_server(base, tmp_path, data_dir, ray_cluster):
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1",
