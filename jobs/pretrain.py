@@ -1,6 +1,9 @@
 """Pretrain a base masked-diffusion LM on the corpus: tokenizer, model, held-out loss.
 
 python jobs/pretrain.py --preset small --output-dir runs/base-small
+
+The loop runs in Ray Train's TorchTrainer like jobs/train.py (same Ray flags; DDP only: every
+weight trains). The driver builds the tokenizer once and ships it to the workers.
 """
 
 from __future__ import annotations
@@ -8,11 +11,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jobs import raytrain  # noqa: E402
 from jobs.common import base_parser, emit, fail  # noqa: E402
-from jobs.tracking import Tracker, add_tracking_flags, track_base  # noqa: E402
+from jobs.tracking import (  # noqa: E402
+    RunLogger,
+    Tracker,
+    add_tracking_flags,
+    check_reachable,
+    track_base,
+    tracking_uri,
+)
 from lora_diffusion.config import apply_overrides  # noqa: E402
 from lora_diffusion.models import PRESETS  # noqa: E402
 from lora_diffusion.pretraining import PretrainConfig, pretrain  # noqa: E402
@@ -38,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--time-conditioning", action="store_true", help="adaLN time conditioning")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint interval (steps)")
+    p.add_argument("--resume-from", default=None, help="a training-state folder to start from")
+    raytrain.add_ray_flags(p)
     add_tracking_flags(
         p, "register the base as a new version of NAME (default base-<preset>)", "--register-base"
     )
@@ -56,6 +72,8 @@ def build_config(a) -> PretrainConfig:
         time_conditioning=a.time_conditioning,
         max_documents=a.max_documents,
         heldout_blocks=a.heldout_blocks,
+        checkpoint_every=a.checkpoint_every,
+        resume_from=a.resume_from,
         threads=a.threads,
     )
     train = dataclasses.replace(
@@ -80,30 +98,95 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     if not os.path.isdir(a.corpus_dir or os.path.join(a.data_dir, "corpus")):
         fail(f"corpus directory not found: {a.corpus_dir or os.path.join(a.data_dir, 'corpus')}")
+    raytrain.check_flags(a)
+    if a.strategy == "fsdp":
+        fail("--strategy fsdp shards a frozen base; pretraining trains every weight: use ddp")
     try:
         cfg = build_config(a)
     except (KeyError, ValueError) as e:
         fail(str(e))
+    if not a.no_tracking:
+        check_reachable(tracking_uri(a.tracking_uri))
+    resources = None if a.no_ray else raytrain.connect(a)
 
     name = f"pretrain-{cfg.preset}-lr{cfg.train.lr:g}-steps{cfg.train.max_steps}"
     tracker = Tracker.from_args(a, "lora-diffusion/pretrain", name)
-    tracker.log_config(cfg, preset=cfg.preset)
-
-    def report(step, m):
-        tracker.report(step, m)
-        if "heldout_loss" in m:
-            print(f"step {step}: loss {m['loss']:.4f} heldout {m['heldout_loss']:.4f}", flush=True)
-
+    tracker.log_config(cfg, preset=cfg.preset, workers=a.num_workers)
     try:
-        result = pretrain(cfg, report=report, progress=not a.no_progress)
+        if a.no_ray:
+            result = pretrain(cfg, report=_printer(tracker.report), progress=not a.no_progress)
+        else:
+            config = {"cfg": _absolute(cfg), "tokenizer": _tokenizer_files(cfg),
+                      "tracking": tracker.worker_spec()}  # fmt: skip
+            result, out = raytrain.run(pretrain_loop, config, a, resources)
+            result = {**result, **_read_json(out / "metrics.json")}
+            result["model_dir"] = str(out / "model")
     except BaseException:
         tracker.abort()
         raise
-    result.pop("config")
+    result.pop("config", None)
     result.update(track_base(tracker, a, cfg, result))
     result.update(tracker.close())
     emit(result, a.json)
     return result
+
+
+def _printer(report):
+    def f(step, m):
+        report(step, m)
+        if "heldout_loss" in m:
+            print(f"step {step}: loss {m['loss']:.4f} heldout {m['heldout_loss']:.4f}", flush=True)
+
+    return f
+
+
+def _absolute(cfg: PretrainConfig) -> PretrainConfig:
+    """Local paths made absolute: Ray workers do not share the driver's working directory."""
+    paths = {k: os.path.abspath(getattr(cfg, k)) for k in
+             ("corpus_dir", "tokenizer", "init_from", "cache_dir", "resume_from")
+             if getattr(cfg, k) and os.path.exists(getattr(cfg, k))}  # fmt: skip
+    return dataclasses.replace(cfg, **paths)
+
+
+def _tokenizer_files(cfg: PretrainConfig) -> dict[str, str]:
+    """The tokenizer, built once here (or read from --tokenizer/--init-from), as file texts:
+    every worker, on any node and after any restart, then uses exactly the same one."""
+    from lora_diffusion.corpus import corpus_files, split_files
+    from lora_diffusion.models import preset_config
+    from lora_diffusion.pretraining import build_tokenizer
+
+    train_files, _ = split_files(corpus_files(cfg.corpus_dir))
+    tok = build_tokenizer(cfg, train_files, cfg.vocab_size or preset_config(cfg.preset).vocab_size)
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        return {p.name: p.read_text(encoding="utf-8") for p in Path(d).iterdir() if p.is_file()}
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def pretrain_loop(config: dict) -> None:
+    """One Ray Train worker of the pretraining job (see `jobs/train.py: train_loop`)."""
+    dist = raytrain.worker_context(config)
+    raytrain.pid_file(config, dist.rank)
+    work = Path(tempfile.mkdtemp(prefix="ld-pretrain-"))
+    (work / "tokenizer").mkdir()
+    for name, text in config["tokenizer"].items():
+        (work / "tokenizer" / name).write_text(text, encoding="utf-8")
+    resume = raytrain.resume_dir("pretrain")
+    cfg = dataclasses.replace(
+        config["cfg"], output_dir=str(work / "output"), tokenizer=str(work / "tokenizer"),
+        resume_from=resume or config["cfg"].resume_from, threads=None,
+    )  # fmt: skip
+    logger = RunLogger(config["tracking"] if dist.rank == 0 else None)
+    result = pretrain(
+        cfg, report=_printer(logger.report), progress=False, dist=dist,
+        checkpoint_hook=raytrain.checkpoint_hook(dist.rank, work / "state"),
+    )  # fmt: skip
+    raytrain.report_final(dist.rank, result, work / "output", work / "state")
 
 
 if __name__ == "__main__":

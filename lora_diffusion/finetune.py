@@ -21,12 +21,19 @@ from .composition import AdaptedDenoiser
 from .config import BaselineConfig, DiffusionConfig
 from .corruption import get_process
 from .data import collate, tokenize_task
-from .losses import denoising_loss
+from .losses import LossModule
 from .models import load_base
 from .plots import plot_history
 from .registry import Registry
 from .schedules import get_schedule
-from .training import Distributed, StepSampler, TrainConfig, fit, save_checkpoint
+from .training import (
+    Distributed,
+    StepSampler,
+    TrainConfig,
+    checkpoint_step,
+    fit,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -91,25 +98,6 @@ def build_lora_diffusion(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
     return MethodBundle(model, extra, save, describe=lambda: adaptor_report(adaptor, model.base))
 
 
-class LossModule(nn.Module):
-    """The whole training loss as one module's forward (denoising NLL + the method's extras), so
-    a data-parallel wrapper (DDP) sees every trainable parameter the loss touches."""
-
-    def __init__(self, model, extra_loss, process, schedule, weighting, shard=None) -> None:
-        super().__init__()
-        self.model, self.extra_loss = model, extra_loss
-        self.process, self.schedule, self.weighting, self.shard = (
-            process, schedule, weighting, shard,
-        )  # fmt: skip
-
-    def forward(self, batch: dict, gen: torch.Generator):
-        out = denoising_loss(
-            self.model, batch, self.process, self.schedule, self.weighting, gen, shard=self.shard
-        )
-        extras = self.extra_loss()
-        return out.loss + sum(extras.values(), torch.zeros(())), out.nll, extras
-
-
 CheckpointHook = Callable[[int, Callable[[Path], None]], None]
 
 
@@ -162,7 +150,7 @@ def finetune(
 
     weighting = cfg.diffusion.weighting
     loss_module = dist.prepare(
-        LossModule(model, bundle.extra_loss, process, schedule, weighting, dist.shard)
+        LossModule(model, process, schedule, weighting, dist.shard, bundle.extra_loss)
     )
 
     def loss_fn(batch, gen):
@@ -198,7 +186,7 @@ def finetune(
         "train_loss": state.history[-1]["loss"],
         "train_nll": state.history[-1]["nll"],
         "steps": state.step,
-        "resumed_from_step": _checkpoint_step(cfg.resume_from),
+        "resumed_from_step": checkpoint_step(cfg.resume_from),
         "train_seconds": train_seconds,
     }
     result["convergence_step"] = _convergence(state.history)
@@ -208,13 +196,6 @@ def finetune(
     result.update(adaptor_dir=str(out_dir / "adaptor"), seconds=time.perf_counter() - start)
     _write_results(out_dir, result, state.history, cfg)
     return result
-
-
-def _checkpoint_step(folder: str | None) -> int:
-    """The step a run resumed from (0: it started fresh)."""
-    if not folder:
-        return 0
-    return int(json.loads((Path(folder) / "state.json").read_text())["step"])
 
 
 def _convergence(history: list[dict]) -> int | None:

@@ -11,10 +11,12 @@ tokens never carry loss; the output head runs only at loss positions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .corruption import ForwardProcess, sample_t
 from .schedules import NoiseSchedule
@@ -103,3 +105,31 @@ def heldout_loss(
             total += float(out.loss) * out.num_target_tokens
             count += out.num_target_tokens
     return total / max(count, 1)
+
+
+class LossModule(nn.Module):
+    """The whole training loss as one module's forward: denoising NLL + a method's extra terms
+    (name -> weighted scalar), so a data-parallel wrapper (DDP) sees every trainable parameter
+    the loss touches. forward(batch, generator) -> (loss, mean nll, extras)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        process: ForwardProcess,
+        schedule: NoiseSchedule,
+        weighting: str = "elbo",
+        shard: tuple[int, int] | None = None,
+        extra_loss: Callable[[], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model, self.extra_loss = model, extra_loss or dict
+        self.process, self.schedule, self.weighting, self.shard = (
+            process, schedule, weighting, shard,
+        )  # fmt: skip
+
+    def forward(self, batch: dict, gen: torch.Generator | None = None):
+        out = denoising_loss(
+            self.model, batch, self.process, self.schedule, self.weighting, gen, shard=self.shard
+        )
+        extras = self.extra_loss()
+        return out.loss + sum(extras.values(), torch.zeros(())), out.nll, extras

@@ -23,11 +23,18 @@ from .corpus import (
     unigram_loss,
 )
 from .corruption import get_process
-from .losses import denoising_loss, heldout_loss
+from .losses import LossModule, heldout_loss
 from .models import DiffusionLM, preset_config
 from .schedules import get_schedule
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
-from .training import StepSampler, TrainConfig, fit
+from .training import (
+    Distributed,
+    StepSampler,
+    TrainConfig,
+    checkpoint_step,
+    fit,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -44,6 +51,8 @@ class PretrainConfig:
     time_conditioning: bool = field(default=False, metadata={"help": "adaLN on t (off: MDLM)"})
     max_documents: int | None = field(default=None, metadata={"help": "cap (tests, demos)"})
     heldout_blocks: int = field(default=512, metadata={"help": "held-out blocks to score"})
+    checkpoint_every: int = field(default=0, metadata={"help": "steps; 0: only at the end"})
+    resume_from: str | None = field(default=None, metadata={"help": "a checkpoint folder"})
     cache_dir: str | None = None
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -61,8 +70,22 @@ def build_tokenizer(cfg: PretrainConfig, train_files: list[Path], vocab_size: in
     return train_bpe_tokenizer(docs, vocab_size=vocab_size)
 
 
-def pretrain(cfg: PretrainConfig, report=None, progress: bool = True) -> dict:
-    """Train a base on `cfg.corpus_dir`; returns the results written to metrics.json."""
+def pretrain(
+    cfg: PretrainConfig,
+    report=None,
+    progress: bool = True,
+    dist: Distributed | None = None,
+    checkpoint_hook=None,
+) -> dict:
+    """Train a base on `cfg.corpus_dir`; returns the results written to metrics.json.
+
+    Data-parallel (`dist`, see `finetune`): every rank trains on its rows of each global batch;
+    rank 0 alone evaluates and writes files, the others return {"rank": r, "steps": n}.
+    checkpoint_hook(step, save_into) as in `finetune` (default: rank 0 saves to
+    OUTPUT_DIR/checkpoints/last every `cfg.checkpoint_every` steps)."""
+    dist = dist or Distributed()
+    if dist.sharded_base:
+        raise ValueError("pretraining trains every weight: shard nothing (DDP), not FSDP")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -87,20 +110,44 @@ def pretrain(cfg: PretrainConfig, report=None, progress: bool = True) -> dict:
 
     def get_batch(step: int, m: int) -> dict:
         idx = sampler.indices(step)[m * micro : (m + 1) * micro]
-        return block_batch(train[idx])
+        return {k: v.to(dist.device) for k, v in block_batch(train[idx]).items()}
+
+    loss_module = dist.prepare(
+        LossModule(model, process, schedule, cfg.diffusion.weighting, dist.shard)
+    )
 
     def loss_fn(batch, gen):
-        out = denoising_loss(model, batch, process, schedule, cfg.diffusion.weighting, gen)
-        return out.loss, {"nll": float(out.nll)}
+        loss, nll, _ = loss_module(batch, gen)
+        return loss, {"nll": float(nll)}
 
-    heldout_batches = [block_batch(b) for b in heldout.split(64)]
+    heldout_batches = [
+        {k: v.to(dist.device) for k, v in block_batch(b).items()} for b in heldout.split(64)
+    ]
 
     def evaluate() -> dict:
         model.eval()
         return {"heldout_loss": heldout_loss(model, heldout_batches, process, schedule)}
 
-    state = fit(model, loss_fn, get_batch, cfg.train, evaluate, report, progress=progress)
-    model_dir = Path(cfg.output_dir) / "model"
+    out_dir = Path(cfg.output_dir)
+
+    def default_hook(step, save_into):
+        if dist.rank == 0:
+            save_into(out_dir / "checkpoints" / "last")
+
+    def checkpoint(step, opt, sched, state):
+        hook = checkpoint_hook or default_hook
+        hook(step, lambda folder: save_checkpoint(folder, model, opt, sched, state))
+
+    lead = dist.rank == 0
+    state = fit(
+        model, loss_fn, get_batch, cfg.train, evaluate if lead else None,
+        report if lead else None, checkpoint=checkpoint,
+        checkpoint_every=cfg.checkpoint_every or cfg.train.max_steps, resume_from=cfg.resume_from,
+        progress=progress and lead, all_reduce=dist.all_reduce,
+    )  # fmt: skip
+    if not lead:
+        return {"rank": dist.rank, "steps": state.step}
+    model_dir = out_dir / "model"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     final = state.history[-1]
@@ -114,11 +161,12 @@ def pretrain(cfg: PretrainConfig, report=None, progress: bool = True) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "train_tokens": int(len(train) * cfg.block_length),
         "steps": state.step,
+        "resumed_from_step": checkpoint_step(cfg.resume_from),
         "seconds": time.perf_counter() - start,
         "config": asdict(cfg),
     }
-    (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(result, indent=2))
-    (Path(cfg.output_dir) / "history.json").write_text(json.dumps(state.history))
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "history.json").write_text(json.dumps(state.history))
     return result
 
 

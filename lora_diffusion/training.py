@@ -157,6 +157,13 @@ def load_checkpoint(path, module: nn.Module, opt, sched) -> TrainState:
     return state
 
 
+def checkpoint_step(folder: str | Path | None) -> int:
+    """The step a checkpoint folder resumes at (0 for None: a fresh start)."""
+    if not folder:
+        return 0
+    return int(json.loads((Path(folder) / "state.json").read_text())["step"])
+
+
 def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p for k, p in module.named_parameters() if p.requires_grad}
 

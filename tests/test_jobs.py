@@ -32,7 +32,7 @@ def test_every_job_documents_its_flags(job):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, data_dir):
+def pretrained(tmp_path_factory, data_dir, ray_cluster):
     out = tmp_path_factory.mktemp("pretrain")
     proc = run_job(
         "jobs/pretrain.py", "--preset", "tiny", "--output-dir", str(out), "--max-steps", "12",

@@ -154,3 +154,20 @@ def test_ray_job_submit_runs_the_same_command(ray_cluster, base, data_dir, tmp_p
     result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('{"method"')][-1])
     assert result["steps"] == 4
     assert (out / "adaptor" / "adapter_model.safetensors").exists()
+
+
+def test_pretraining_on_two_workers_matches_one_process(ray_cluster, data_dir, tmp_path):
+    args = ["jobs/pretrain.py", "--preset", "tiny", "--max-steps", "8", "--vocab-size", "400",
+            "--max-documents", "100", "--batch-size", "8", "--heldout-blocks", "8",
+            "--data-dir", str(data_dir), "--no-progress", "--no-tracking", "--threads", "1",
+            "--json", "--set", "train.log_every=2"]  # fmt: skip
+    local = last_json(run_job(*args, "--output-dir", str(tmp_path / "a"), "--no-ray").stdout)
+    two = last_json(
+        run_job(*args, "--output-dir", str(tmp_path / "b"), "--num-workers", "2").stdout
+    )
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-4, abs=1e-5)
+    assert two["heldout_loss"] == pytest.approx(local["heldout_loss"], rel=1e-4)
+    assert (tmp_path / "b" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "b" / "model" / "tokenizer.json").read_text() == (
+        tmp_path / "a" / "model" / "tokenizer.json"
+    ).read_text()

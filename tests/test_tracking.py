@@ -38,7 +38,7 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base(store, tmp_path_factory, data_dir):
+def base(store, tmp_path_factory, data_dir, ray_cluster):
     """A tiny pretrained base, registered as `tiny-base` (so adaptors record it as lineage)."""
     out = tmp_path_factory.mktemp("pretrain")
     proc = run_job(
