@@ -348,6 +348,28 @@ def track_adaptor(tracker: Tracker, a, cfg, result: dict) -> dict:
     return tracker.log_model(artifacts, config, name, tags, a.alias)
 
 
+def register_run_adaptor(run_id: str, adaptor_dir: str, cfg, name: str,
+                         alias: str | None = None, extra_tags: dict | None = None):  # fmt: skip
+    """Log `adaptor_dir` (with a copy of the base folder) as a pyfunc model on an existing run
+    (a sweep's best trial) and register it as a new version of `name`, tagged like
+    `track_adaptor`'s versions, with `alias`."""
+    import mlflow
+
+    from lora_diffusion.baselines import read_method_config
+
+    fingerprint = read_method_config(adaptor_dir).get("base_fingerprint")
+    base_name, base_version = find_base_version(fingerprint)
+    tags = {"task": cfg.task, "method": cfg.method, "base_fingerprint": fingerprint,
+            "base_name": base_name, "base_version": base_version, **(extra_tags or {})}  # fmt: skip
+    artifacts = {"adaptor": str(adaptor_dir)}
+    if Path(cfg.base).is_dir():
+        artifacts["base"] = str(Path(cfg.base).resolve())
+    with mlflow.start_run(run_id=run_id):
+        info = _log_pyfunc(artifacts, {"task": cfg.task, "base_uri": None})
+        mlflow.set_tag("model_uri", info.model_uri)
+    return register(info.model_uri, name, tags, alias)
+
+
 def track_base(tracker: Tracker, a, cfg, result: dict) -> dict:
     """After `pretrain`: log results and files, and the base as a pyfunc model; register it
     with --register-base (tags kind=base and its fingerprint, for adaptors' lineage)."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,11 @@ class BaselineConfig:
 def _coerce(value: str, typ):
     """Parse a CLI string into the field's type (bool, int, float, str, tuples of those)."""
     origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):  # Optional fields: `none` clears them
+        if value.lower() in ("none", "null") and type(None) in typing.get_args(typ):
+            return None
+        inner = [a for a in typing.get_args(typ) if a is not type(None)]
+        return _coerce(value, inner[0])
     if origin in (tuple, list):
         (inner, *_) = typing.get_args(typ) or (str,)
         items = [_coerce(v, inner) for v in value.split(",") if v != ""]

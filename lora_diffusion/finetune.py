@@ -168,8 +168,9 @@ def finetune(
         hook(step, lambda folder: save_checkpoint(folder, model, opt, sched, state))
 
     lead = dist.rank == 0
+    periodic = _periodic_eval(cfg, model, tok) if lead and cfg.train.eval_every else None
     state = fit(
-        model, loss_fn, get_batch, cfg.train, report=report if lead else None,
+        model, loss_fn, get_batch, cfg.train, periodic, report=report if lead else None,
         checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every or cfg.train.max_steps,
         resume_from=cfg.resume_from, progress=progress and lead, all_reduce=dist.all_reduce,
     )  # fmt: skip
@@ -196,6 +197,28 @@ def finetune(
     result.update(adaptor_dir=str(out_dir / "adaptor"), seconds=time.perf_counter() - start)
     _write_results(out_dir, result, state.history, cfg)
     return result
+
+
+def _periodic_eval(cfg: FinetuneConfig, model: nn.Module, tok) -> Callable[[], dict]:
+    """Every `train.eval_every` steps: candidate scoring on the eval split (`eval_limit`
+    examples): accuracy and the gold label's denoising loss (a smooth score for early stopping).
+    """
+    from .evaluation import scoring_accuracy
+
+    eval_ds = tokenize_task(
+        cfg.task, "eval", tok, cfg.max_length, cfg.data_dir, cfg.cache_dir, cfg.eval_limit
+    )
+
+    def evaluate() -> dict:
+        model.eval()
+        out = scoring_accuracy(
+            model, tok, cfg.task, eval_ds, process=cfg.diffusion.process,
+            schedule=cfg.diffusion.schedule, num_t=cfg.scoring_num_t, seed=cfg.train.seed,
+            max_length=cfg.max_length,
+        )  # fmt: skip
+        return {"eval_accuracy_scoring": out["accuracy"], "eval_gold_loss": out["gold_loss"]}
+
+    return evaluate
 
 
 def _convergence(history: list[dict]) -> int | None:

@@ -226,12 +226,15 @@ def fit(
         tokens += ntok
         state.step = step + 1
         last = state.step == cfg.max_steps
-        if state.step % cfg.log_every == 0 or last or step == 0:
+        evaluating = evaluate is not None and (
+            last or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)
+        )
+        if state.step % cfg.log_every == 0 or last or step == 0 or evaluating:
             if all_reduce is not None:
                 metrics = all_reduce(metrics)
             metrics["lr"] = sched.get_last_lr()[0]
             metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
-            if evaluate and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+            if evaluating:
                 metrics.update(evaluate())
             state.history.append({"step": state.step, **metrics})
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")

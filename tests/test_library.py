@@ -47,3 +47,13 @@ def test_config_from_yaml_dict_rejects_unknown_keys():
     assert from_dict(DiffusionConfig, {"steps": 10}).steps == 10
     with pytest.raises(KeyError, match="stepz"):
         from_dict(DiffusionConfig, {"stepz": 10})
+
+
+def test_optional_config_values_parse_and_clear():
+    from lora_diffusion.config import apply_overrides
+    from lora_diffusion.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(base="b", output_dir="o")
+    assert apply_overrides(cfg, ["eval_steps=4"]).eval_steps == 4
+    assert apply_overrides(cfg, ["eval_limit=5", "eval_limit=none"]).eval_limit is None
+    assert apply_overrides(cfg, ["baselines.lora_alpha=16"]).baselines.lora_alpha == 16.0

@@ -1,0 +1,580 @@
+"""Sweep LoRA-Diffusion settings with Ray Tune: every trial a real training run, tracked in MLflow.
+
+    python jobs/sweep.py --space tune_spaces/table10_ranks.yaml --task sst2 \\
+        --base runs/base-small/model --output-dir runs/sweep-table10
+
+Each trial runs the library's `finetune` (the recipe of jobs/train.py) with the space's values
+as `--set` overrides, reports candidate-scoring accuracy and the gold label's loss every
+`--eval-every` steps (ASHA stops weak trials on the loss), and is an MLflow run nested under
+the sweep's run. At the end: a table (config, score, trainable parameters, relative training
+time) printed and written to OUTPUT_DIR/table.md, a plot of score against trainable
+parameters, and the best trial's adaptor registered with alias `best-<sweep name>`.
+Rerunning the same command resumes an interrupted sweep (finished trials are kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import yaml  # noqa: E402
+
+from jobs import raytrain  # noqa: E402
+from jobs.common import base_parser, emit, fail  # noqa: E402
+from jobs.tracking import (  # noqa: E402
+    add_tracking_flags,
+    check_reachable,
+    flatten,
+    tracking_uri,
+)
+from lora_diffusion.baselines import DEFAULT_LR  # noqa: E402
+from lora_diffusion.config import apply_overrides  # noqa: E402
+from lora_diffusion.finetune import FinetuneConfig  # noqa: E402
+from lora_diffusion.tasks import TASKS  # noqa: E402
+
+KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "value")
+
+
+# ---- search spaces ----------------------------------------------------------------------------
+
+
+def load_space(path: str) -> dict:
+    """Read a space file (YAML): {description, metric, mode, params: {key: {kind: values}}}.
+
+    A param's key is a dotted config key (`adaptor.k`, `train.lr`, as for --set), or a name of
+    your own whose values are mappings of several keys set together (a rank schedule with its
+    sigmas). Kinds: grid [v, ...] (every value, in order), choice [v, ...] (sampled),
+    uniform/loguniform [low, high], randint [low, high), value v (fixed).
+    """
+    p = Path(path)
+    if p.is_dir() or not p.suffix:
+        p = p.with_suffix(".yaml") if not p.is_dir() else p / "space.yaml"
+    if not p.is_file():
+        fail(f"search space {path} not found")
+    try:
+        space = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        fail(f"search space {p} is not valid YAML: {e}")
+    if not isinstance(space, dict) or not isinstance(space.get("params"), dict):
+        fail(f"search space {p}: needs a `params:` mapping")
+    unknown = set(space) - {"description", "metric", "mode", "params", "fixed"}
+    if unknown:
+        fail(f"search space {p}: unknown top-level keys {sorted(unknown)}")
+    space["name"] = p.stem
+    return space
+
+
+def _as_override(key: str, value) -> str:
+    if isinstance(value, list | tuple):
+        value = ",".join(str(v) for v in value)
+    return f"{key}={value}"
+
+
+def _assignments(key: str, value) -> list[str]:
+    """The --set strings one sampled value of param `key` stands for."""
+    if isinstance(value, dict):
+        return [_as_override(k, v) for k, v in value.items()]
+    return [_as_override(key, value)]
+
+
+def validate_space(space: dict, cfg: FinetuneConfig, hidden_size: int) -> None:
+    """Fail (exit 2) before any trial on an unknown key, an empty or malformed choice, a bad
+    range, or a rank above the base's hidden size, naming the offending key."""
+    for key, spec in {**space["params"], **(space.get("fixed") or {})}.items():
+        if key in (space.get("fixed") or {}):
+            spec = {"value": spec}
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+            fail(f"search space: param {key!r} needs exactly one of {', '.join(KINDS)}")
+        kind, values = next(iter(spec.items()))
+        if kind in ("grid", "choice"):
+            if not isinstance(values, list) or not values:
+                fail(f"search space: param {key!r}: {kind} needs a non-empty list")
+            candidates = values
+        elif kind == "value":
+            candidates = [values]
+        else:
+            if not (isinstance(values, list) and len(values) == 2
+                    and all(isinstance(v, int | float) for v in values)
+                    and values[0] < values[1]):  # fmt: skip
+                fail(f"search space: param {key!r}: {kind} needs [low, high] with low < high")
+            if kind == "loguniform" and values[0] <= 0:
+                fail(f"search space: param {key!r}: loguniform needs low > 0")
+            candidates = values if kind != "randint" else [values[0], values[1] - 1]
+        for v in candidates:
+            if isinstance(v, dict) and "." in key:
+                fail(f"search space: param {key!r}: a dotted key takes plain values")
+            try:
+                trial_cfg = apply_overrides(cfg, _assignments(key, v))
+            except (KeyError, ValueError) as e:
+                fail(f"search space: param {key!r}: {e}")
+            too_big = [r for r in trial_cfg.adaptor.ranks if r > hidden_size]
+            if too_big:
+                fail(
+                    f"search space: param {key!r}: rank {too_big[0]} is above the base's "
+                    f"hidden size {hidden_size}"
+                )
+
+
+def tune_space(space: dict) -> dict:
+    """The Ray Tune param_space of a validated space."""
+    from ray import tune
+
+    out = {}
+    for key, spec in space["params"].items():
+        kind, values = next(iter(spec.items()))
+        out[key] = {
+            "grid": lambda v: tune.grid_search(v),
+            "choice": lambda v: tune.choice(v),
+            "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v),
+            "randint": lambda v: tune.randint(*v),
+            "value": lambda v: v,
+        }[kind](values)
+    return out
+
+
+# ---- the trial --------------------------------------------------------------------------------
+
+
+def trial_config(base_cfg: FinetuneConfig, params: dict, fixed: dict, out_dir: str):
+    sets = [s for k, v in fixed.items() for s in _assignments(k, v)]
+    sets += [s for k, v in params.items() for s in _assignments(k, v)]
+    return dataclasses.replace(apply_overrides(base_cfg, sets), output_dir=out_dir)
+
+
+def trial(params: dict, base_cfg: FinetuneConfig, sweep: dict) -> None:
+    """One Tune trial: a training run with `params` applied, reported to Tune at every
+    evaluation and logged as an MLflow run nested under the sweep's run."""
+    import torch
+    from ray import tune
+
+    from lora_diffusion.finetune import finetune
+
+    torch.set_num_threads(max(1, int(sweep["cpus_per_trial"])))
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    out_dir = os.path.join(sweep["output_dir"], "trials", trial_id)
+    cfg = trial_config(base_cfg, params, sweep["fixed"], out_dir)
+    logger = TrialRun(sweep.get("tracking"), f"{sweep['name']}-{trial_id}", params, cfg)
+
+    last_eval: dict = {}
+
+    def report(step, m):
+        logger.log_metrics(step, m)
+        if "eval_gold_loss" in m:
+            last_eval.update({k: v for k, v in m.items() if k.startswith("eval_")})
+            tune.report({**_scalars(m), "step": step, "mlflow_run_id": logger.run_id})
+
+    try:
+        result = finetune(cfg, report=report, progress=False)
+        logger.finish(result, out_dir)
+        final = {**last_eval, **_scalars(result)}  # the final eval on the same examples wins
+        tune.report({**final, "step": result["steps"], "trial_finished": True,
+                     "mlflow_run_id": logger.run_id, "trial_dir": out_dir})  # fmt: skip
+    finally:
+        logger.end()
+
+
+def _scalars(m: dict) -> dict:
+    return {k: v for k, v in m.items() if isinstance(v, int | float | str) and v is not None}
+
+
+class TrialRun:
+    """A trial's MLflow run (nested under the sweep's run). Failures warn and stop logging."""
+
+    def __init__(self, spec: dict | None, name: str, params: dict, cfg) -> None:
+        self.run_id, self.client, self.status = None, None, "KILLED"
+        if not spec:
+            return
+        try:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(spec["uri"])
+            run = self.client.create_run(
+                spec["experiment_id"], run_name=name,
+                tags={"mlflow.parentRunId": spec["parent_run_id"], "sweep": spec["sweep"],
+                      "task": cfg.task, "method": cfg.method},
+            )  # fmt: skip
+            self.run_id = run.info.run_id
+            from mlflow.entities import Param
+
+            flat = {**flatten(dataclasses.asdict(cfg)),
+                    **{f"sweep.{k}": json.dumps(v) for k, v in params.items()}}  # fmt: skip
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flat.items()])
+        except Exception as e:
+            self._stop(e)
+
+    def _stop(self, e: Exception) -> None:
+        print(f"warning: MLflow logging of this trial stopped: {str(e)[:300]}", file=sys.stderr)
+        self.client = None
+
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        if self.client is None or self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)]  # fmt: skip
+        try:
+            self.client.log_batch(self.run_id, metrics=batch)
+        except Exception as e:
+            self._stop(e)
+
+    def finish(self, result: dict, out_dir: str) -> None:
+        self.log_metrics(int(result["steps"]), result)
+        if self.client is None or self.run_id is None:
+            return
+        try:
+            for name in ("metrics.json", "history.json", "config.json", "adaptor_report.json"):
+                if os.path.isfile(os.path.join(out_dir, name)):
+                    self.client.log_artifact(self.run_id, os.path.join(out_dir, name))
+            for sub in ("plots", "adaptor"):
+                if os.path.isdir(os.path.join(out_dir, sub)):
+                    self.client.log_artifacts(self.run_id, os.path.join(out_dir, sub), sub)
+            self.status = "FINISHED"
+        except Exception as e:
+            self._stop(e)
+
+    def end(self) -> None:
+        """FINISHED, or KILLED when the trial was stopped early (ASHA) or failed."""
+        if self.client is not None and self.run_id is not None:
+            try:
+                self.client.set_terminated(self.run_id, self.status)
+            except Exception as e:
+                self._stop(e)
+
+
+# ---- the job ----------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--space", required=True, help="a space file, e.g. tune_spaces/broad.yaml")
+    p.add_argument("--base", required=True, help="base model folder")
+    p.add_argument("--task", default="sst2", help="one of: " + ", ".join(TASKS))
+    p.add_argument("--method", default="lora_diffusion", help="the tuned method")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=1,
+        help="samples of the space (each grid point is repeated this often)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
+    p.add_argument("--train-limit", type=int, default=None, help="use only N train examples")
+    p.add_argument("--eval-limit", type=int, default=200, help="eval examples per trial")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between trial reports")
+    p.add_argument("--metric", default="eval_accuracy_scoring", help="what ranks trials")
+    p.add_argument("--mode", choices=("max", "min"), default=None, help="default: the space's")
+    p.add_argument(
+        "--scheduler",
+        choices=("asha", "none"),
+        default="asha",
+        help="asha: stop trials whose eval_gold_loss trails at a rung",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="ASHA: steps before a trial can be stopped (default 2 x eval-every)",
+    )
+    p.add_argument(
+        "--search",
+        choices=("random", "optuna"),
+        default="random",
+        help="random/grid (Tune's variant generator) or Optuna (if installed)",
+    )
+    p.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs (and threads) per trial")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials at once (default: the cluster's CPUs / cpus-per-trial)",
+    )
+    p.add_argument("--address", default=None, help="Ray cluster (default $RAY_ADDRESS or local)")
+    p.add_argument("--name", default=None, help="sweep name (default: the space's file name)")
+    p.add_argument("--restart", action="store_true", help="do not resume an earlier sweep")
+    add_tracking_flags(
+        p,
+        "register the best adaptor as a version of NAME (default "
+        "<task>-<method>); its alias is best-<sweep>",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    if a.task not in TASKS:
+        fail(f"unknown task {a.task!r}; known: {', '.join(TASKS)}")
+    space = load_space(a.space)
+    name = a.name or space["name"]
+    mode = a.mode or space.get("mode", "max")
+    base_cfg = FinetuneConfig(
+        base=os.path.abspath(a.base) if os.path.exists(a.base) else a.base,
+        output_dir=a.output_dir, task=a.task, method=a.method, data_dir=a.data_dir,
+        train_limit=a.train_limit, eval_limit=a.eval_limit,
+    )  # fmt: skip
+    train = dataclasses.replace(
+        base_cfg.train, lr=DEFAULT_LR.get(a.method, base_cfg.train.lr), batch_size=a.batch_size,
+        eval_every=a.eval_every, seed=a.seed,
+        **({"max_steps": a.max_steps} if a.max_steps else {}),
+    )  # fmt: skip
+    try:
+        base_cfg = apply_overrides(dataclasses.replace(base_cfg, train=train), a.overrides)
+    except (KeyError, ValueError) as e:
+        fail(str(e))
+    if not Path(base_cfg.base, "config.json").is_file():
+        fail(f"base {a.base!r} not found (a saved model folder)")
+    hidden = json.loads(Path(base_cfg.base, "config.json").read_text())["hidden_size"]
+    validate_space(space, base_cfg, hidden)
+    if a.search == "optuna" and any("grid" in s for s in space["params"].values()):
+        fail("--search optuna samples; this space has grid params: use --search random")
+    if a.no_tracking and (a.register is not None or a.alias):
+        fail("--register/--alias need tracking; drop --no-tracking")
+    uri = None if a.no_tracking else tracking_uri(a.tracking_uri)
+    if uri:
+        check_reachable(uri)
+
+    os.makedirs(a.output_dir, exist_ok=True)
+    a.num_workers, a.cpus_per_worker, a.use_gpu = 1, a.cpus_per_trial, False
+    raytrain.connect(a)  # exits 2 when a trial does not fit the cluster
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    concurrent = a.max_concurrent or max(1, int(cpus // a.cpus_per_trial))
+    parent = _parent_run(uri, a, name, space) if uri else None
+    start = time.perf_counter()
+    try:
+        results = _run_tuner(a, space, name, mode, base_cfg, concurrent, parent)
+    except BaseException:
+        if parent:
+            _end_parent(uri, parent, "FAILED")
+        raise
+    rows = _table_rows(results, space, a.metric)
+    out = Path(a.output_dir)
+    table = _markdown(rows, a.metric, name, a, time.perf_counter() - start)
+    (out / "table.md").write_text(table)
+    (out / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+    _plot(rows, a.metric, out / "score_vs_params.png", name)
+    print(table)
+    summary = {"sweep": name, "trials": len(rows), "metric": a.metric,
+               "finished": sum(r["finished"] for r in rows),
+               "stopped_early": sum(not r["finished"] and r["error"] is None for r in rows),
+               "table": str(out / "table.md"), "seconds": time.perf_counter() - start}  # fmt: skip
+    best = _best(rows, a.metric, mode)
+    if best:
+        summary.update(best_trial=best["trial_id"], best_score=best["score"],
+                       best_params=best["params"])  # fmt: skip
+    if parent:
+        summary.update(_finish_parent(uri, parent, out, best, a, name, base_cfg))
+    emit(summary, a.json)
+    return summary
+
+
+def _run_tuner(a, space, name, mode, base_cfg, concurrent, parent):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    path = os.path.abspath(os.path.join(a.output_dir, "tune"))
+    sweep = {"name": name, "output_dir": os.path.abspath(a.output_dir),
+             "cpus_per_trial": a.cpus_per_trial, "fixed": space.get("fixed") or {},
+             "tracking": parent}  # fmt: skip
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, base_cfg=base_cfg, sweep=sweep), {"cpu": a.cpus_per_trial}
+    )
+    run_dir = os.path.join(path, name)
+    if not a.restart and tune.Tuner.can_restore(run_dir):
+        print(f"resuming sweep {name} from {run_dir}", flush=True)
+        tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True,
+                                   resume_errored=True)  # fmt: skip
+        return tuner.fit()
+    if a.restart:
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+    scheduler = None
+    if a.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="step", metric="eval_gold_loss", mode="min",
+            # max_t past the last step: the last evaluation is no stop, the final report follows
+            max_t=base_cfg.train.max_steps + 1,
+            grace_period=a.grace_period or 2 * a.eval_every,
+            reduction_factor=2,
+        )  # fmt: skip
+    search_alg = None
+    if a.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            fail("--search optuna needs `pip install optuna`")
+        search_alg = OptunaSearch(metric=a.metric, mode=mode)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=tune_space(space),
+        tune_config=tune.TuneConfig(num_samples=a.num_samples, scheduler=scheduler,
+                                    search_alg=search_alg, max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=name, storage_path=path, verbose=1),
+    )  # fmt: skip
+    return tuner.fit()
+
+
+def _table_rows(results, space, metric) -> list[dict]:
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        rows.append({
+            "trial_id": m.get("trial_id") or os.path.basename(r.path),
+            "params": {k: m.get("config", {}).get(k, r.config.get(k)) for k in space["params"]},
+            "score": m.get(metric),
+            "eval_gold_loss": m.get("eval_gold_loss"),
+            "trainable_params": m.get("trainable_params"),
+            "trainable_pct": m.get("trainable_pct"),
+            "train_seconds": m.get("train_seconds"),
+            "steps": m.get("step"),
+            "finished": bool(m.get("trial_finished")),
+            "error": None if r.error is None else str(r.error)[:300],
+            "mlflow_run_id": m.get("mlflow_run_id"),
+            "adaptor_dir": os.path.join(m["trial_dir"], "adaptor") if m.get("trial_dir") else None,
+        })  # fmt: skip
+    return rows
+
+
+def _best(rows, metric, mode):
+    done = [r for r in rows if r["finished"] and isinstance(r["score"], int | float)]
+    if not done:
+        return None
+    return (max if mode == "max" else min)(done, key=lambda r: r["score"])
+
+
+def _fmt(v, spec="{:.4f}"):
+    return "—" if v is None else spec.format(v) if isinstance(v, int | float) else str(v)
+
+
+def _markdown(rows, metric, name, a, seconds) -> str:
+    done = [r["train_seconds"] for r in rows if r["finished"] and r["train_seconds"]]
+    fastest = min(done) if done else None
+    lines = [
+        f"# Sweep `{name}`: task {a.task}, method {a.method}",
+        "",
+        f"Command: `python jobs/sweep.py {' '.join(sys.argv[1:])}`  ",
+        f"Wall time: {seconds:.0f} s. Score: `{metric}` on {a.eval_limit} eval examples "
+        "(candidate scoring); stopped trials show the score at their last evaluation.",
+        "",
+        "| config | score | eval gold loss | trainable (M) | trainable (%) | rel. train time | "
+        "steps | status |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: json.dumps(r["params"], default=str)):
+        cfg = ", ".join(f"{k}={_short(v)}" for k, v in r["params"].items())
+        rel = (r["train_seconds"] / fastest) if (fastest and r["finished"]) else None
+        status = "done" if r["finished"] else ("error" if r["error"] else "stopped (ASHA)")
+        tp = None if r["trainable_params"] is None else r["trainable_params"] / 1e6
+        lines.append(
+            f"| {cfg} | {_fmt(r['score'])} | {_fmt(r['eval_gold_loss'])} | {_fmt(tp, '{:.3f}')} "
+            f"| {_fmt(r['trainable_pct'], '{:.2f}')} | {_fmt(rel, '{:.2f}')} | "
+            f"{_fmt(r['steps'], '{}')} | {status} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _short(v) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k.split('.')[-1]}={x}" for k, x in v.items()) + "}"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _plot(rows, metric, path: Path, name: str) -> None:
+    from lora_diffusion.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["trainable_params"] is None or r["score"] is None:
+            continue
+        x = r["trainable_params"] / 1e6
+        ax.scatter(x, r["score"], c="C0" if r["finished"] else "C3")
+        label = ", ".join(_short(v) for v in r["params"].values())
+        ax.annotate(label, (x, r["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("trainable parameters (M)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"sweep {name}: score vs trainable parameters (red: stopped early)")
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def _parent_run(uri: str, a, name: str, space: dict) -> dict:
+    import mlflow
+
+    from jobs.tracking import artifact_location
+
+    experiment = a.experiment or f"lora-diffusion/{a.task}"
+    try:
+        mlflow.set_tracking_uri(uri)
+        if mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location(uri, experiment))
+        exp = mlflow.get_experiment_by_name(experiment)
+        run = mlflow.MlflowClient().create_run(
+            exp.experiment_id, run_name=f"sweep-{name}", tags={"sweep": name, "kind": "sweep"}
+        )
+        from mlflow.entities import Param
+
+        params = {"space": json.dumps(space["params"])[:6000], "task": a.task,
+                  "method": a.method, "num_samples": str(a.num_samples)}  # fmt: skip
+        mlflow.MlflowClient().log_batch(
+            run.info.run_id, params=[Param(k, v) for k, v in params.items()]
+        )
+    except Exception as e:
+        fail(f"cannot start an MLflow run at {uri}: {e}")
+    return {"uri": uri, "experiment_id": exp.experiment_id, "parent_run_id": run.info.run_id,
+            "sweep": name}  # fmt: skip
+
+
+def _end_parent(uri, parent, status):
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(uri).set_terminated(parent["parent_run_id"], status)
+    except Exception:  # already failing
+        pass
+
+
+def _finish_parent(uri, parent, out: Path, best, a, name, base_cfg) -> dict:
+    """Log the table and plot on the sweep's run; register the best trial's adaptor."""
+    from mlflow import MlflowClient
+
+    from jobs.tracking import register_run_adaptor
+
+    client, run_id = MlflowClient(uri), parent["parent_run_id"]
+    result = {"mlflow_run_id": run_id}
+    try:
+        for f in ("table.md", "trials.json", "score_vs_params.png"):
+            client.log_artifact(run_id, str(out / f))
+        if best:
+            client.log_metric(run_id, f"best_{a.metric}", float(best["score"]))
+            client.set_tag(run_id, "best_trial_run_id", str(best["mlflow_run_id"]))
+        if best and best["adaptor_dir"] and best["mlflow_run_id"]:
+            model_name = a.register or f"{a.task}-{a.method}"
+            v = register_run_adaptor(
+                best["mlflow_run_id"], best["adaptor_dir"], base_cfg, model_name,
+                alias=f"best-{name}", extra_tags={"sweep": name},
+            )  # fmt: skip
+            result.update(
+                registered_model=model_name,
+                registered_version=int(v.version),
+                registered_alias=f"best-{name}",
+            )
+        client.set_terminated(run_id, "FINISHED")
+    except Exception as e:
+        print(f"warning: MLflow logging of the sweep stopped: {str(e)[:300]}", file=sys.stderr)
+        result["tracking_error"] = str(e)[:300]
+    return result
+
+
+if __name__ == "__main__":
+    main()
