@@ -72,28 +72,52 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """A real local Ray cluster (`ray start --head`, 2 CPUs, dashboard and job server on
+    """A real local Ray cluster (`ray start --head --block`, 2 CPUs, dashboard and job server on
     127.0.0.1) for the whole session. Jobs the tests run join it through $RAY_ADDRESS, as
-    `ray job submit` jobs do. Yields the dashboard (job submission) address."""
-    import shutil
+    `ray job submit` jobs do. Yields the dashboard (job submission) address. Stopped by
+    signalling its own process group, never `ray stop` (which would end every Ray cluster on
+    the machine)."""
+    import signal
     import subprocess
     import sys
+    import time
+    import urllib.error
+    import urllib.request
 
     sys.path.insert(0, str(REPO))
     from jobs.raytrain import RAY_ENV
 
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
-    ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+    ray = Path(sys.executable).with_name("ray")
     port, dash = _free_port(), _free_port()
-    subprocess.run(
-        [ray, "start", "--head", "--num-cpus", "2", "--num-gpus", "0", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats"],
-        check=True, capture_output=True, timeout=120, cwd=REPO,
+    log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")  # noqa: SIM115
+    head = subprocess.Popen(
+        [str(ray), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
+         "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+         "--disable-usage-stats"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while True:  # ready when the job server answers (401 too: token auth is on)
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                pass
+            assert head.poll() is None and time.time() < deadline, "ray start --head failed"
+            time.sleep(0.5)
+        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        yield address
     finally:
         os.environ.pop("RAY_ADDRESS", None)
-        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)  # --block: ray start stops what it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
