@@ -102,7 +102,8 @@ def connect(a) -> dict:
     try:
         if not ray.is_initialized():
             ray.init(
-                address=address,
+                # "local": a new runtime, never a cluster some earlier `ray start` left behind
+                address=address or "local",
                 runtime_env={"env_vars": env},
                 include_dashboard=False if address is None else None,
                 log_to_driver=True,
