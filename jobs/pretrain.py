@@ -116,10 +116,10 @@ def main(argv=None) -> dict:
         if a.no_ray:
             result = pretrain(cfg, report=_printer(tracker.report), progress=not a.no_progress)
         else:
-            config = {"cfg": _absolute(cfg), "tokenizer": _tokenizer_files(cfg),
-                      "tracking": tracker.worker_spec()}  # fmt: skip
+            paths = ("corpus_dir", "tokenizer", "init_from", "cache_dir", "resume_from")
+            config = {"cfg": raytrain.absolute_paths(cfg, paths), "tracking": tracker.worker_spec(),
+                      "tokenizer": _tokenizer_files(cfg)}  # fmt: skip
             result, out = raytrain.run(pretrain_loop, config, a, resources)
-            result = {**result, **_read_json(out / "metrics.json")}
             result["model_dir"] = str(out / "model")
     except BaseException:
         tracker.abort()
@@ -140,14 +140,6 @@ def _printer(report):
     return f
 
 
-def _absolute(cfg: PretrainConfig) -> PretrainConfig:
-    """Local paths made absolute: Ray workers do not share the driver's working directory."""
-    paths = {k: os.path.abspath(getattr(cfg, k)) for k in
-             ("corpus_dir", "tokenizer", "init_from", "cache_dir", "resume_from")
-             if getattr(cfg, k) and os.path.exists(getattr(cfg, k))}  # fmt: skip
-    return dataclasses.replace(cfg, **paths)
-
-
 def _tokenizer_files(cfg: PretrainConfig) -> dict[str, str]:
     """The tokenizer, built once here (or read from --tokenizer/--init-from), as file texts:
     every worker, on any node and after any restart, then uses exactly the same one."""
@@ -160,12 +152,6 @@ def _tokenizer_files(cfg: PretrainConfig) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as d:
         tok.save_pretrained(d)
         return {p.name: p.read_text(encoding="utf-8") for p in Path(d).iterdir() if p.is_file()}
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def pretrain_loop(config: dict) -> None:

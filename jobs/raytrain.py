@@ -14,6 +14,7 @@ How a run is laid out:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -133,9 +134,20 @@ def storage(a) -> tuple[str, str]:
     return path, a.run_name
 
 
+def absolute_paths(cfg, keys: tuple[str, ...]):
+    """`cfg` with its local paths among `keys` made absolute: Ray workers do not share the
+    driver's working directory."""
+    import dataclasses
+
+    paths = {k: os.path.abspath(getattr(cfg, k)) for k in keys
+             if getattr(cfg, k) and os.path.exists(getattr(cfg, k))}  # fmt: skip
+    return dataclasses.replace(cfg, **paths)
+
+
 def run(loop: Callable[[dict], None], config: dict, a, resources: dict) -> tuple[dict, Path]:
-    """Run `loop` on the workers; copy the run's files to OUTPUT_DIR. Returns (the final
-    metrics rank 0 reported, OUTPUT_DIR). A run that fails after its restarts exits 1."""
+    """Run `loop` on the workers; copy the run's files to OUTPUT_DIR. Returns (the results:
+    rank 0's final report merged with the metrics.json it wrote, lists included; OUTPUT_DIR).
+    A run that fails after its restarts exits 1."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -173,7 +185,9 @@ def run(loop: Callable[[dict], None], config: dict, a, resources: dict) -> tuple
             if dst.is_dir():
                 shutil.rmtree(dst)
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, dst)
-    return dict(result.metrics), out
+    metrics = out / "metrics.json"
+    written = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    return {**result.metrics, **written}, out
 
 
 # ---- inside a worker ------------------------------------------------------------------------

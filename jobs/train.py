@@ -141,9 +141,10 @@ def main(argv=None) -> dict:
         if a.no_ray:
             result = finetune(cfg, report=_printer(tracker.report), progress=not a.no_progress)
         else:
-            config = {"cfg": _absolute(cfg), "tracking": tracker.worker_spec(), "progress": False}
+            paths = ("base", "data_dir", "corpus_dir", "cache_dir", "resume_from")
+            config = {"cfg": raytrain.absolute_paths(cfg, paths),
+                      "tracking": tracker.worker_spec(), "progress": False}  # fmt: skip
             result, _ = raytrain.run(train_loop, config, a, resources)
-            result.update(_read_examples(a.output_dir))
             result["adaptor_dir"] = str(Path(a.output_dir) / "adaptor")
     except FileNotFoundError as e:
         tracker.abort()
@@ -160,14 +161,6 @@ def main(argv=None) -> dict:
     return result
 
 
-def _absolute(cfg: FinetuneConfig) -> FinetuneConfig:
-    """Local paths made absolute: Ray workers do not share the driver's working directory."""
-    paths = {k: os.path.abspath(getattr(cfg, k)) for k in
-             ("base", "data_dir", "corpus_dir", "cache_dir", "resume_from")
-             if getattr(cfg, k) and os.path.exists(getattr(cfg, k))}  # fmt: skip
-    return dataclasses.replace(cfg, **paths)
-
-
 def _printer(report):
     def f(step, m):
         report(step, m)
@@ -175,14 +168,6 @@ def _printer(report):
             print(f"step {step}: loss {m['loss']:.4f} nll {m['nll']:.4f}", flush=True)
 
     return f
-
-
-def _read_examples(output_dir: str) -> dict:
-    """The full results rank 0 wrote (lists and all; Ray's metrics keep only scalars)."""
-    import json
-
-    path = Path(output_dir) / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def train_loop(config: dict) -> None:

@@ -30,9 +30,9 @@ from .training import (
     Distributed,
     StepSampler,
     TrainConfig,
+    checkpoint_callback,
     checkpoint_step,
     fit,
-    save_checkpoint,
 )
 
 
@@ -159,14 +159,7 @@ def finetune(
 
     out_dir = Path(cfg.output_dir)
 
-    def default_hook(step, save_into):
-        if dist.rank == 0:
-            save_into(out_dir / "checkpoints" / "last")
-
-    def checkpoint(step, opt, sched, state):
-        hook = checkpoint_hook or default_hook
-        hook(step, lambda folder: save_checkpoint(folder, model, opt, sched, state))
-
+    checkpoint = checkpoint_callback(model, out_dir, dist, checkpoint_hook)
     lead = dist.rank == 0
     periodic = _periodic_eval(cfg, model, tok) if lead and cfg.train.eval_every else None
     state = fit(

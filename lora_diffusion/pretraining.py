@@ -31,9 +31,9 @@ from .training import (
     Distributed,
     StepSampler,
     TrainConfig,
+    checkpoint_callback,
     checkpoint_step,
     fit,
-    save_checkpoint,
 )
 
 
@@ -130,14 +130,7 @@ def pretrain(
 
     out_dir = Path(cfg.output_dir)
 
-    def default_hook(step, save_into):
-        if dist.rank == 0:
-            save_into(out_dir / "checkpoints" / "last")
-
-    def checkpoint(step, opt, sched, state):
-        hook = checkpoint_hook or default_hook
-        hook(step, lambda folder: save_checkpoint(folder, model, opt, sched, state))
-
+    checkpoint = checkpoint_callback(model, out_dir, dist, checkpoint_hook)
     lead = dist.rank == 0
     state = fit(
         model, loss_fn, get_batch, cfg.train, evaluate if lead else None,

@@ -189,6 +189,25 @@ class Distributed:
         return (self.rank, self.world_size) if self.world_size > 1 else None
 
 
+def checkpoint_callback(
+    module: nn.Module, out_dir: str | Path, dist: Distributed, hook=None
+) -> Callable[[int, object, object, TrainState], None]:
+    """fit's `checkpoint` for the recipes: hook(step, save_into) is called on every rank;
+    save_into(folder) writes `module`'s training state there. Default hook: rank 0 saves to
+    OUT_DIR/checkpoints/last."""
+
+    def default_hook(step: int, save_into) -> None:
+        if dist.rank == 0:
+            save_into(Path(out_dir) / "checkpoints" / "last")
+
+    def checkpoint(step, opt, sched, state) -> None:
+        (hook or default_hook)(
+            step, lambda folder: save_checkpoint(folder, module, opt, sched, state)
+        )
+
+    return checkpoint
+
+
 LossFn = Callable[[dict, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
 
 
