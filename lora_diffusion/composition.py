@@ -47,7 +47,8 @@ class AdaptedDenoiser(nn.Module):
     Args:
         base: any denoiser (hidden_states / output_head / input_embeddings).
         adaptors: task name -> TrajectoryAdaptor, or one adaptor (named "task").
-        router: maps Enc(c) to weights over `adaptors`, in their order.
+        router: maps Enc(c) to weights over `adaptors`, in their order, or over `router_tasks`
+            (a subset of them, in the router's output order; the other adaptors get weight 0).
     """
 
     time_conditioned = True  # the adaptors depend on t, even on a time-agnostic base
@@ -57,12 +58,22 @@ class AdaptedDenoiser(nn.Module):
         base: nn.Module,
         adaptors: Mapping[str, TrajectoryAdaptor] | TrajectoryAdaptor,
         router: Router | None = None,
+        router_tasks: list[str] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(adaptors, TrajectoryAdaptor):
             adaptors = {"task": adaptors}
         if not adaptors:
             raise ValueError("AdaptedDenoiser needs at least one adaptor")
+        names = list(adaptors)
+        router_tasks = names if router_tasks is None else list(router_tasks)
+        unknown = [task for task in router_tasks if task not in names]
+        if unknown:
+            raise ValueError(f"the router routes to {unknown}, which have no adaptor here")
+        if router is not None and router.net[-1].out_features != len(router_tasks):
+            raise ValueError(f"the router has {router.net[-1].out_features} outputs for "
+                             f"{len(router_tasks)} tasks {router_tasks}")  # fmt: skip
+        self._router_columns = [names.index(task) for task in router_tasks]
         self.base = base.eval().requires_grad_(False)
         self.adaptors = nn.ModuleDict(adaptors)
         self.router = router
@@ -73,6 +84,7 @@ class AdaptedDenoiser(nn.Module):
         self.base_calls = 0
         self.base_calls_saved = 0
         self.router_logits: torch.Tensor | None = None  # (B, n_tasks) of the last router call
+        self.last_weights: torch.Tensor | None = None  # (B, n_tasks) used by the last call
 
     @property
     def task_names(self) -> list[str]:
@@ -138,19 +150,37 @@ class AdaptedDenoiser(nn.Module):
         return encs
 
     def task_weight_matrix(self, encs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, n_tasks): fixed weights if set (one row (n,) or (1, n) is shared by the batch),
-        else the router's, else 1 for a lone adaptor."""
+        """(B, n_tasks): fixed weights if set (one row (n,) or (1, n) is shared by the batch;
+        a row of NaN asks for the router's weights for that example), else the router's, else
+        1 for a lone adaptor. The matrix used is kept in `last_weights`."""
         enc = encs["hidden"]
+        b = enc.shape[0]
         if self._weights is not None:
             w = self._weights.to(device=enc.device, dtype=enc.dtype)
             w = w[None] if w.dim() == 1 else w
-            return w.expand(enc.shape[0], -1) if w.shape[0] == 1 else w
-        if self.router is not None:
-            self.router_logits = self.router.logits(encs[self.router.condition_repr])
-            return self.router_logits.softmax(-1)  # the logits are kept for a routing loss
-        if len(self.adaptors) == 1:
-            return enc.new_ones(enc.shape[0], 1)
-        raise ValueError("several adaptors and no router: give task_weights")
+            w = w.expand(b, -1) if w.shape[0] == 1 else w
+            routed = w.isnan().any(-1)
+            if routed.any():
+                if self.router is None:
+                    raise ValueError("task weights of NaN ask for the router, and there is none")
+                w = torch.where(routed[:, None], self._routed(encs), w)
+        elif self.router is not None:
+            w = self._routed(encs)
+        elif len(self.adaptors) == 1:
+            w = enc.new_ones(b, 1)
+        else:
+            raise ValueError("several adaptors and no router: give task_weights")
+        self.last_weights = w.detach()
+        return w
+
+    def _routed(self, encs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The router's softmax weights, placed in the columns of the tasks it routes to."""
+        self.router_logits = self.router.logits(encs[self.router.condition_repr])
+        probs = self.router_logits.softmax(-1)  # the logits are kept for a routing loss
+        if self._router_columns == list(range(len(self.adaptors))):
+            return probs
+        w = probs.new_zeros(probs.shape[0], len(self.adaptors))
+        return w.index_copy(1, torch.tensor(self._router_columns, device=w.device), probs)
 
     def perturbation(self, x_repr: dict, t, encs: dict, w) -> torch.Tensor:
         """sum_j w_j delta_j over N positions: x_repr maps input_repr -> (N, d); t (N,);

@@ -243,7 +243,7 @@ def candidate_losses(
     process: ForwardProcess,
     schedule: NoiseSchedule,
     ts: Sequence[float],
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
 ) -> torch.Tensor:
     """Denoising loss of every (example, candidate) pair, averaged over the times `ts`.
 
@@ -260,7 +260,15 @@ def candidate_losses(
     total = torch.zeros(b * k, device=ids.device)
     for t in ts:
         tt = torch.full((b,), t, device=ids.device)
-        xt, changed = process.corrupt(ids, schedule.alpha(tt), target, generator)  # (B, L)
+        if isinstance(generator, Sequence):  # one per example: independent of the batch
+            xt, changed = ids.clone(), torch.zeros_like(target)
+            for i, g in enumerate(generator):
+                n = int(attn[i].sum())  # right-padded: the row's own length, not the batch's
+                row = process.corrupt(ids[i : i + 1, :n], schedule.alpha(tt[i : i + 1]),
+                                      target[i : i + 1, :n], g)  # fmt: skip
+                xt[i, :n], changed[i, :n] = row[0][0], row[1][0]
+        else:
+            xt, changed = process.corrupt(ids, schedule.alpha(tt), target, generator)  # (B, L)
         changed = rep(changed)
         xt = torch.where(changed, rep(xt), x0)
         total += _sequence_losses(denoiser, x0, xt, changed, attn_k, target_k, t, process, schedule)

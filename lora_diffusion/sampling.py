@@ -7,6 +7,7 @@ calling the network again (MDLM's caching trick); the saved calls are counted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,10 +28,17 @@ def init_targets(
     input_ids: torch.Tensor,
     target_mask: torch.Tensor,
     process: ForwardProcess,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """x_T: target positions drawn from the stationary noise (all [MASK] when absorbing)."""
-    return torch.where(target_mask, process.noise_like(input_ids, generator), input_ids)
+    """x_T: target positions drawn from the stationary noise (all [MASK] when absorbing).
+    `generator` may be one per row (see `sample`)."""
+    if isinstance(generator, Sequence):
+        noise = torch.cat(
+            [process.noise_like(row[None], g) for row, g in zip(input_ids, generator, strict=True)]
+        )
+    else:
+        noise = process.noise_like(input_ids, generator)
+    return torch.where(target_mask, noise, input_ids)
 
 
 @torch.no_grad()
@@ -42,17 +50,22 @@ def sample(
     attention_mask: torch.Tensor,
     target_mask: torch.Tensor,
     steps: int = 100,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     cache: bool = True,
     return_trajectory: bool = False,
 ) -> SampleOutput:
     """Sample the target positions of a batch from t = 1 to 0 in `steps` equal steps.
 
     input_ids: (B, L) with condition tokens in place (target content is ignored);
-    attention_mask: (B, L); target_mask: (B, L) bool.
+    attention_mask: (B, L); target_mask: (B, L) bool. `generator`: one for the batch, or one
+    per row, so that a row's sample depends only on its own seed, not on what it is batched
+    with (a server batching requests of different clients needs this).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    per_row = isinstance(generator, Sequence)
+    if per_row and len(generator) != input_ids.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {input_ids.shape[0]} rows")
     target_mask = target_mask.bool()
     cond_mask = attention_mask.bool() & ~target_mask
     x = init_targets(input_ids, target_mask, process, generator)
@@ -72,7 +85,17 @@ def sample(
         alpha_s = float(schedule.alpha(torch.tensor(s))) if s > 0 else 1.0
         prev = x
         x = x.clone()
-        x[target_mask] = process.posterior_step(x[target_mask], probs, alpha_t, alpha_s, generator)
+        if per_row:  # rows' target positions are contiguous in x[target_mask] and in probs
+            sizes = target_mask.sum(1).tolist()
+            x[target_mask] = torch.cat([
+                process.posterior_step(xt, p, alpha_t, alpha_s, g)
+                for xt, p, g in zip(x[target_mask].split(sizes), probs.split(sizes), generator,
+                                    strict=True)
+            ])  # fmt: skip
+        else:
+            x[target_mask] = process.posterior_step(
+                x[target_mask], probs, alpha_t, alpha_s, generator
+            )
         if return_trajectory:
             out.trajectory.append(x.clone())
     out.tokens = x

@@ -1,0 +1,256 @@
+"""Serving many task adaptors from one frozen base: the batch engine behind `serve_apps/`.
+
+One `ServingEngine` holds an `AdaptedDenoiser` (the base, every task adaptor, optionally the
+router) and answers a *batch* of requests with one base forward per diffusion step, whatever
+mix of tasks and weightings the batch holds: each row carries its own task-weight vector (NaN:
+the router's choice), its own seed (one generator per row, so a request's answer does not
+depend on what it was batched with) and its own target length. Requests with different step
+counts are sampled in one pass per step count. No Ray, no HTTP, no MLflow here.
+
+    engine = ServingEngine(AdaptedDenoiser(base, {"sst2": a, "trec": b}), tokenizer)
+    engine.generate([GenerateRequest(engine.task_prompt("sst2", "a fine film"), 3, None, 3)])
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .composition import AdaptedDenoiser
+from .corruption import get_process
+from .data import collate, decode_target, encode_prompt, label_candidates, target_length_for
+from .evaluation import candidate_losses
+from .sampling import sample
+from .schedules import get_schedule
+from .tasks import get_task
+
+
+@dataclass
+class GenerateRequest:
+    """prompt: the text before the target region (a task's instruction already applied, or a
+    raw prompt); target_length: tokens to generate; weights: one per `engine.tasks`, or None
+    for the router (or the lone adaptor); steps: diffusion steps; num_samples: samples drawn
+    with seeds seed, seed + 1, ..."""
+
+    prompt: str
+    target_length: int
+    weights: Sequence[float] | None
+    steps: int
+    seed: int = 0
+    num_samples: int = 1
+
+
+@dataclass
+class ClassifyRequest:
+    """Candidate scoring of `task`'s label words for `text` under `weights` (as above)."""
+
+    task: str
+    text: str
+    weights: Sequence[float] | None
+    seed: int = 0
+
+
+class _WeightRecorder:
+    """The denoiser seen by the sampler: counts the task weights the model used at each call,
+    so a response can say which weights (the router's, per step) were applied."""
+
+    time_conditioned = True
+
+    def __init__(self, model: AdaptedDenoiser, repeat: int = 1) -> None:
+        self.model, self.repeat = model, repeat
+        self.mask_token_id = model.mask_token_id
+        self.total: torch.Tensor | None = None
+        self.calls = 0
+
+    def hidden_states(self, *args, **kwargs):
+        h = self.model.hidden_states(*args, **kwargs)
+        w = self.model.last_weights[:: self.repeat].float()  # one row per example
+        self.total = w if self.total is None else self.total + w
+        self.calls += 1
+        return h
+
+    def output_head(self, h):
+        return self.model.output_head(h)
+
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.calls, 1)
+
+
+class ServingEngine:
+    """Batched generation and candidate scoring over a composed model.
+
+    Args:
+        model: the base with its task adaptors (and router), `AdaptedDenoiser`.
+        tokenizer: the base's tokenizer.
+        max_length: tokens per sequence (prompts longer than fits are truncated in the middle,
+            as in training; the HTTP layer refuses them before they get here).
+        num_t: noise levels averaged by candidate scoring.
+        versions: free-form metadata about what was loaded (returned by `describe`).
+    """
+
+    def __init__(
+        self,
+        model: AdaptedDenoiser,
+        tokenizer,
+        *,
+        max_length: int = 128,
+        num_t: int = 8,
+        versions: Mapping | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.num_t = num_t
+        self.versions = dict(versions or {})
+        config = model.base.config
+        process = getattr(config, "diffusion_process", None) or "absorbing"
+        self.process = get_process(process, len(tokenizer), tokenizer.mask_token_id)
+        self.schedule = get_schedule(getattr(config, "noise_schedule", None) or "loglinear")
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.model.task_names
+
+    @property
+    def has_router(self) -> bool:
+        return self.model.router is not None
+
+    def task_prompt(self, task: str, text: str) -> str:
+        return get_task(task).prompt(text)
+
+    def target_length(self, task: str) -> int:
+        return target_length_for(task, self.tok)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def weight_vector(self, weights: Mapping[str, float] | None) -> list[float] | None:
+        """{task: w} -> a vector over `tasks` (missing tasks 0), normalised to sum 1; None stays
+        None (the router's choice). Raises ValueError naming what is wrong."""
+        if weights is None:
+            return None
+        unknown = sorted(set(weights) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"unknown adaptor(s) {unknown}; loaded: {self.tasks}")
+        values = [float(weights.get(task, 0.0)) for task in self.tasks]
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise ValueError("task weights must be finite and >= 0")
+        total = sum(values)
+        if total <= 0:
+            raise ValueError("task weights must sum to a positive number")
+        return [v / total for v in values]
+
+    def _matrix(self, weights: Sequence[Sequence[float] | None]) -> torch.Tensor:
+        """(B, n_tasks); a None row is NaN (router) or 1 for a lone adaptor without router."""
+        n = len(self.tasks)
+        rows = []
+        for w in weights:
+            if w is None and not self.has_router:
+                if n != 1:
+                    raise ValueError("several adaptors and no router: give task weights")
+                w = [1.0]
+            rows.append([math.nan] * n if w is None else list(w))
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def _named(self, w: torch.Tensor) -> dict[str, float]:
+        return {task: round(float(v), 6) for task, v in zip(self.tasks, w, strict=True)}
+
+    # --- generation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[dict]:
+        """One result per request: texts (num_samples of them), the task weights used (mean
+        over steps when the router chose them) and the network calls of its pass."""
+        rows = [(r, i) for r in requests for i in range(r.num_samples)]
+        texts: dict[int, list[str]] = {id(r): [] for r in requests}
+        used: dict[int, list[torch.Tensor]] = {id(r): [] for r in requests}
+        calls: dict[int, int] = {}
+        for steps in sorted({r.steps for r in requests}):
+            group = [(r, i) for r, i in rows if r.steps == steps]
+            encoded = [
+                encode_prompt(self.tok, r.prompt, self.max_length, r.target_length)
+                for r, _ in group
+            ]
+            batch = collate(encoded, self.tok.pad_token_id)
+            gens = [torch.Generator().manual_seed(r.seed + i) for r, i in group]
+            recorder = _WeightRecorder(self.model)
+            with self.model.task_weights(self._matrix([r.weights for r, _ in group])):
+                out = sample(
+                    recorder,
+                    self.process,
+                    self.schedule,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["target_mask"],
+                    steps,
+                    gens,
+                )
+            mean = recorder.mean()
+            for k, ((r, _), ids, m) in enumerate(
+                zip(group, out.tokens, batch["target_mask"], strict=True)
+            ):
+                texts[id(r)].append(decode_target(self.tok, ids[m]))
+                used[id(r)].append(mean[k])
+                calls[id(r)] = out.network_calls
+        return [
+            {
+                "texts": texts[id(r)],
+                "weights": self._named(torch.stack(used[id(r)]).mean(0)),
+                "network_calls": calls[id(r)],
+            }
+            for r in requests
+        ]
+
+    # --- classification ------------------------------------------------------------------
+    @torch.no_grad()
+    def classify(self, requests: Sequence[ClassifyRequest]) -> list[dict]:
+        """One result per request: label (lowest denoising loss among the task's label words),
+        scores (minus that loss per label), probabilities (softmax of the scores), weights."""
+        results: dict[int, dict] = {}
+        ts = [(i + 0.5) / self.num_t for i in range(self.num_t)]
+        for task in dict.fromkeys(r.task for r in requests):
+            group = [r for r in requests if r.task == task]
+            spec = get_task(task)
+            length = self.target_length(task)
+            cands = label_candidates(spec, self.tok, length)  # (K, T)
+            encoded = [
+                encode_prompt(self.tok, spec.prompt(r.text), self.max_length, length) for r in group
+            ]
+            batch = collate(encoded, self.tok.pad_token_id)
+            gens = [torch.Generator().manual_seed(r.seed) for r in group]
+            k = cands.shape[0]
+            weights = self._matrix([r.weights for r in group]).repeat_interleave(k, 0)
+            recorder = _WeightRecorder(self.model, repeat=k)
+            with self.model.task_weights(weights):
+                losses = candidate_losses(recorder, batch, cands, self.process, self.schedule,
+                                          ts, gens)  # fmt: skip  # (B, K)
+            mean = recorder.mean()
+            for j, r in enumerate(group):
+                scores = (-losses[j]).tolist()
+                probs = (-losses[j]).softmax(-1).tolist()
+                results[id(r)] = {
+                    "label": spec.label_words[int(losses[j].argmin())],
+                    "scores": {
+                        w: round(s, 6) for w, s in zip(spec.label_words, scores, strict=True)
+                    },
+                    "probabilities": {
+                        w: round(p, 6) for w, p in zip(spec.label_words, probs, strict=True)
+                    },
+                    "weights": self._named(mean[j]),
+                }
+        return [results[id(r)] for r in requests]
+
+    def run(self, items: Sequence[GenerateRequest | ClassifyRequest]) -> list[dict]:
+        """A mixed batch, in order; each result gains timing (compute_ms, batch_size)."""
+        start = time.perf_counter()
+        gen = [x for x in items if isinstance(x, GenerateRequest)]
+        cls = [x for x in items if isinstance(x, ClassifyRequest)]
+        out = dict(zip(map(id, gen), self.generate(gen) if gen else [], strict=True))
+        out.update(zip(map(id, cls), self.classify(cls) if cls else [], strict=True))
+        ms = round(1000 * (time.perf_counter() - start), 2)
+        return [
+            {**out[id(x)], "timing": {"compute_ms": ms, "batch_size": len(items)}} for x in items
+        ]
