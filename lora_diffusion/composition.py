@@ -184,17 +184,23 @@ class AdaptedDenoiser(nn.Module):
 
     def perturbation(self, x_repr: dict, t, encs: dict, w) -> torch.Tensor:
         """sum_j w_j delta_j over N positions: x_repr maps input_repr -> (N, d); t (N,);
-        encs maps condition_repr -> (N, d); w (N, n_tasks). Returns (N, d)."""
-        delta = None
+        encs maps condition_repr -> (N, d); w (N, n_tasks). Returns (N, d). Each adaptor runs
+        only at the positions that give it weight, so a batch mixing one-task requests of
+        several tasks costs what one task's batch does."""
+        delta = torch.zeros_like(x_repr["hidden"])
         for j, adaptor in enumerate(self.adaptors.values()):
             active = w[:, j] != 0
             if not active.any():
                 continue
             x = x_repr[adaptor.cfg.input_repr][:, None]  # (N, 1, d): a position is an example
             enc = encs[adaptor.cfg.condition_repr]
-            dj = w[:, j, None] * adaptor(x, t, enc)[:, 0]
-            delta = dj if delta is None else delta + dj
-        return torch.zeros_like(x_repr["hidden"]) if delta is None else delta
+            if active.all():
+                delta = delta + w[:, j, None] * adaptor(x, t, enc)[:, 0]
+            else:
+                idx = active.nonzero()[:, 0]
+                part = w[idx, j, None] * adaptor(x[idx], t[idx], enc[idx])[:, 0]
+                delta = delta.index_add(0, idx, part)
+        return delta
 
     # --- the denoiser seam -------------------------------------------------------------
     def hidden_states(self, input_ids, attention_mask=None, t=None, condition_mask=None):

@@ -49,7 +49,7 @@ def sample(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     target_mask: torch.Tensor,
-    steps: int = 100,
+    steps: int | Sequence[int] = 100,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     cache: bool = True,
     return_trajectory: bool = False,
@@ -59,8 +59,14 @@ def sample(
     input_ids: (B, L) with condition tokens in place (target content is ignored);
     attention_mask: (B, L); target_mask: (B, L) bool. `generator`: one for the batch, or one
     per row, so that a row's sample depends only on its own seed, not on what it is batched
-    with (a server batching requests of different clients needs this).
+    with (a server batching requests of different clients needs this). `steps` may be one per
+    row too (with one generator per row): each row then follows its own time grid in one
+    pass of max(steps) network calls, each over the rows still sampling (a denoiser that
+    keeps per-row state is told which rows a call holds through its `select_rows(idx)`).
     """
+    if isinstance(steps, Sequence):
+        return _sample_rows(denoiser, process, schedule, input_ids, attention_mask, target_mask,
+                            list(steps), generator)  # fmt: skip
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     per_row = isinstance(generator, Sequence)
@@ -98,6 +104,48 @@ def sample(
             )
         if return_trajectory:
             out.trajectory.append(x.clone())
+    out.tokens = x
+    return out
+
+
+def _sample_rows(denoiser, process, schedule, input_ids, attention_mask, target_mask, steps,
+                 generators) -> SampleOutput:  # fmt: skip
+    """`sample` with per-row step counts: row r steps through t = (S_r - k) / S_r, k < S_r."""
+    b = input_ids.shape[0]
+    if len(steps) != b or min(steps) < 1:
+        raise ValueError(f"per-row steps must be {b} values >= 1, got {steps}")
+    if not (isinstance(generators, Sequence) and len(generators) == b):
+        raise ValueError("per-row steps need one generator per row")
+    target_mask = target_mask.bool()
+    cond_mask = attention_mask.bool() & ~target_mask
+    x = init_targets(input_ids, target_mask, process, generators)
+    out = SampleOutput(tokens=x)
+    select = getattr(denoiser, "select_rows", None)
+    for k in range(max(steps)):
+        rows = [r for r in range(b) if steps[r] > k]
+        idx = torch.tensor(rows, device=x.device)
+        if select is not None:
+            select(idx)
+        t = [(steps[r] - k) / steps[r] for r in rows]
+        tt = torch.tensor(t, device=x.device, dtype=torch.float32)
+        xs, tm = x[idx], target_mask[idx]
+        h = denoiser.hidden_states(xs, attention_mask[idx], tt, condition_mask=cond_mask[idx])
+        probs = _x0_probs(denoiser.output_head(h[tm]), process)  # (N, V)
+        out.network_calls += 1
+        new = []
+        for j, (r, xt, p) in enumerate(
+            zip(
+                rows, xs[tm].split(tm.sum(1).tolist()), probs.split(tm.sum(1).tolist()), strict=True
+            )
+        ):
+            s = (steps[r] - k - 1) / steps[r]
+            alpha_t = float(schedule.alpha(torch.tensor(t[j])))
+            alpha_s = float(schedule.alpha(torch.tensor(s))) if s > 0 else 1.0
+            new.append(process.posterior_step(xt, p, alpha_t, alpha_s, generators[r]))
+        xs = xs.clone()
+        xs[tm] = torch.cat(new)
+        x = x.clone()
+        x[idx] = xs
     out.tokens = x
     return out
 

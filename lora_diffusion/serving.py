@@ -54,30 +54,41 @@ class ClassifyRequest:
     seed: int = 0
 
 
-class _WeightRecorder:
-    """The denoiser seen by the sampler: counts the task weights the model used at each call,
-    so a response can say which weights (the router's, per step) were applied."""
+class _RowWeights:
+    """The denoiser seen by the sampler or the scorer: it keeps, per example, the mean of the
+    task weights the model applied over its calls (the router's change with x_t), so that a
+    response can say which weights were used. Rows may drop out of later calls (per-row step
+    counts); `repeat` rows in a row are one example (the candidates of candidate scoring)."""
 
     time_conditioned = True
 
-    def __init__(self, model: AdaptedDenoiser, repeat: int = 1) -> None:
+    def __init__(self, model: AdaptedDenoiser, n: int, repeat: int = 1) -> None:
         self.model, self.repeat = model, repeat
         self.mask_token_id = model.mask_token_id
-        self.total: torch.Tensor | None = None
-        self.calls = 0
+        self.total = torch.zeros(n, len(model.task_names))
+        self.calls = torch.zeros(n)
+        self._rows: torch.Tensor | None = None  # which examples the next call holds
 
-    def hidden_states(self, *args, **kwargs):
-        h = self.model.hidden_states(*args, **kwargs)
-        w = self.model.last_weights[:: self.repeat].float()  # one row per example
-        self.total = w if self.total is None else self.total + w
-        self.calls += 1
+    def hidden_states(self, x, *args, **kwargs):
+        weights = self.model._weights
+        rows = torch.arange(x.shape[0] // self.repeat) if self._rows is None else self._rows
+        if weights is not None and weights.dim() == 2 and weights.shape[0] != x.shape[0]:
+            with self.model.task_weights(weights[rows.repeat_interleave(self.repeat)]):
+                h = self.model.hidden_states(x, *args, **kwargs)
+        else:
+            h = self.model.hidden_states(x, *args, **kwargs)
+        self.total[rows] += self.model.last_weights[:: self.repeat].float().cpu()
+        self.calls[rows] += 1
         return h
+
+    def select_rows(self, idx: torch.Tensor) -> None:
+        self._rows = idx.cpu()
 
     def output_head(self, h):
         return self.model.output_head(h)
 
     def mean(self) -> torch.Tensor:
-        return self.total / max(self.calls, 1)
+        return self.total / self.calls.clamp_min(1)[:, None]
 
 
 class ServingEngine:
@@ -163,44 +174,30 @@ class ServingEngine:
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerateRequest]) -> list[dict]:
         """One result per request: texts (num_samples of them), the task weights used (mean
-        over steps when the router chose them) and the network calls of its pass."""
+        over steps when the router chose them). All rows go through one sampling pass of
+        max(steps) network calls, whatever their step counts."""
         rows = [(r, i) for r in requests for i in range(r.num_samples)]
+        encoded = [
+            encode_prompt(self.tok, r.prompt, self.max_length, r.target_length) for r, _ in rows
+        ]
+        batch = collate(encoded, self.tok.pad_token_id)
+        gens = [torch.Generator().manual_seed(r.seed + i) for r, i in rows]
+        recorder = _RowWeights(self.model, len(rows))
+        with self.model.task_weights(self._matrix([r.weights for r, _ in rows])):
+            out = sample(
+                recorder, self.process, self.schedule, batch["input_ids"],
+                batch["attention_mask"], batch["target_mask"], [r.steps for r, _ in rows], gens,
+            )  # fmt: skip
+        mean = recorder.mean()
         texts: dict[int, list[str]] = {id(r): [] for r in requests}
         used: dict[int, list[torch.Tensor]] = {id(r): [] for r in requests}
-        calls: dict[int, int] = {}
-        for steps in sorted({r.steps for r in requests}):
-            group = [(r, i) for r, i in rows if r.steps == steps]
-            encoded = [
-                encode_prompt(self.tok, r.prompt, self.max_length, r.target_length)
-                for r, _ in group
-            ]
-            batch = collate(encoded, self.tok.pad_token_id)
-            gens = [torch.Generator().manual_seed(r.seed + i) for r, i in group]
-            recorder = _WeightRecorder(self.model)
-            with self.model.task_weights(self._matrix([r.weights for r, _ in group])):
-                out = sample(
-                    recorder,
-                    self.process,
-                    self.schedule,
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    batch["target_mask"],
-                    steps,
-                    gens,
-                )
-            mean = recorder.mean()
-            for k, ((r, _), ids, m) in enumerate(
-                zip(group, out.tokens, batch["target_mask"], strict=True)
-            ):
-                texts[id(r)].append(decode_target(self.tok, ids[m]))
-                used[id(r)].append(mean[k])
-                calls[id(r)] = out.network_calls
+        for k, ((r, _), ids, m) in enumerate(
+            zip(rows, out.tokens, batch["target_mask"], strict=True)
+        ):
+            texts[id(r)].append(decode_target(self.tok, ids[m]))
+            used[id(r)].append(mean[k])
         return [
-            {
-                "texts": texts[id(r)],
-                "weights": self._named(torch.stack(used[id(r)]).mean(0)),
-                "network_calls": calls[id(r)],
-            }
+            {"texts": texts[id(r)], "weights": self._named(torch.stack(used[id(r)]).mean(0))}
             for r in requests
         ]
 
@@ -223,7 +220,7 @@ class ServingEngine:
             gens = [torch.Generator().manual_seed(r.seed) for r in group]
             k = cands.shape[0]
             weights = self._matrix([r.weights for r in group]).repeat_interleave(k, 0)
-            recorder = _WeightRecorder(self.model, repeat=k)
+            recorder = _RowWeights(self.model, len(group), repeat=k)
             with self.model.task_weights(weights):
                 losses = candidate_losses(recorder, batch, cands, self.process, self.schedule,
                                           ts, gens)  # fmt: skip  # (B, K)

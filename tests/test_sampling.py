@@ -87,3 +87,22 @@ def test_sampling_reproduces_a_memorised_text(tiny_model, tiny_tokenizer):
     )
     assert tiny_tokenizer.decode(out.tokens[0]) == text
     assert tiny_tokenizer.decode(out.tokens[1]) == text
+
+
+def test_per_row_step_counts_match_each_row_sampled_alone(tiny_model):
+    from lora_diffusion.corruption import get_process
+    from lora_diffusion.schedules import get_schedule
+
+    proc, sched = get_process("absorbing", 512, tiny_model.mask_token_id), get_schedule("loglinear")
+    ids = torch.randint(6, 512, (3, 10), generator=torch.Generator().manual_seed(1))
+    attn, target = torch.ones_like(ids), torch.zeros(3, 10, dtype=torch.bool)
+    target[0, 7:], target[1, 5:], target[2, 8:] = True, True, True  # ragged target lengths
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    out = sample(tiny_model, proc, sched, ids, attn, target, [2, 5, 3], gens([1, 2, 3]))
+    assert out.network_calls == 5  # one pass: max(steps) calls, not 2 + 5 + 3
+    for i, steps in enumerate([2, 5, 3]):
+        row = slice(i, i + 1)
+        alone = sample(tiny_model, proc, sched, ids[row], attn[row], target[row], steps,
+                       torch.Generator().manual_seed(i + 1)).tokens  # fmt: skip
+        assert torch.equal(out.tokens[i], alone[0])
+    assert not (out.tokens[target] == tiny_model.mask_token_id).any()  # every row finished
