@@ -38,7 +38,7 @@ def pretrained(tmp_path_factory, data_dir, ray_cluster):
         "jobs/pretrain.py", "--preset", "tiny", "--output-dir", str(out), "--max-steps", "12",
         "--vocab-size", "400", "--max-documents", "200", "--batch-size", "8",
         "--heldout-blocks", "16", "--data-dir", str(data_dir), "--no-progress", "--json",
-        "--set", "train.log_every=4",
+        "--set", "train.log_every=4", "--no-ray",  # Ray Train pretraining: test_raytrain
     )  # fmt: skip
     return out, last_json(proc.stdout)
 

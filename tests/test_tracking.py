@@ -45,7 +45,7 @@ def base(store, tmp_path_factory, data_dir, ray_cluster):
         "jobs/pretrain.py", "--preset", "tiny", "--output-dir", str(out), "--max-steps", "4",
         "--vocab-size", "400", "--max-documents", "100", "--batch-size", "8",
         "--heldout-blocks", "8", "--data-dir", str(data_dir), "--no-progress", "--json",
-        "--tracking-uri", store, "--register-base", "tiny-base",
+        "--tracking-uri", store, "--register-base", "tiny-base", "--no-ray",
     )  # fmt: skip
     return last_json(proc.stdout)
 
