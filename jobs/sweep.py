@@ -155,6 +155,7 @@ def trial(params: dict, base_cfg: FinetuneConfig, sweep: dict) -> None:
     from ray import tune
 
     from lora_diffusion.finetune import finetune
+    from lora_diffusion.training import Distributed
 
     torch.set_num_threads(max(1, int(sweep["cpus_per_trial"])))
     ctx = tune.get_context()
@@ -172,7 +173,9 @@ def trial(params: dict, base_cfg: FinetuneConfig, sweep: dict) -> None:
             tune.report({**_scalars(m), "step": step, "mlflow_run_id": logger.run_id})
 
     try:
-        result = finetune(cfg, report=report, progress=False)
+        gpu = sweep.get("gpus_per_trial", 0) > 0
+        dist = Distributed(device="cuda") if gpu else None
+        result = finetune(cfg, report=report, progress=False, dist=dist)
         logger.finish(result, out_dir)
         final = {**last_eval, **_scalars(result)}  # the final eval on the same examples wins
         tune.report({**final, "step": result["steps"], "trial_finished": True,
@@ -291,6 +294,8 @@ def parse_args(argv=None):
         help="random/grid (Tune's variant generator) or Optuna (if installed)",
     )
     p.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs (and threads) per trial")
+    p.add_argument("--gpus-per-trial", type=float, default=0,
+                   help="GPUs per trial (> 0: the trial trains on cuda)")  # fmt: skip
     p.add_argument(
         "--max-concurrent",
         type=int,
@@ -342,12 +347,15 @@ def main(argv=None) -> dict:
         check_reachable(uri)
 
     os.makedirs(a.output_dir, exist_ok=True)
-    a.num_workers, a.cpus_per_worker, a.use_gpu = 1, a.cpus_per_trial, False
+    a.num_workers, a.cpus_per_worker, a.use_gpu = 1, a.cpus_per_trial, a.gpus_per_trial > 0
     raytrain.connect(a)  # exits 2 when a trial does not fit the cluster
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1)
     concurrent = a.max_concurrent or max(1, int(cpus // a.cpus_per_trial))
+    if a.gpus_per_trial > 0:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        concurrent = min(concurrent, max(1, int(gpus // a.gpus_per_trial)))
     parent = _parent_run(uri, a, name, space) if uri else None
     start = time.perf_counter()
     try:
@@ -383,10 +391,12 @@ def _run_tuner(a, space, name, mode, base_cfg, concurrent, parent):
 
     path = os.path.abspath(os.path.join(a.output_dir, "tune"))
     sweep = {"name": name, "output_dir": os.path.abspath(a.output_dir),
-             "cpus_per_trial": a.cpus_per_trial, "fixed": space.get("fixed") or {},
+             "cpus_per_trial": a.cpus_per_trial, "gpus_per_trial": a.gpus_per_trial,
+             "fixed": space.get("fixed") or {},
              "tracking": parent}  # fmt: skip
     trainable = tune.with_resources(
-        tune.with_parameters(trial, base_cfg=base_cfg, sweep=sweep), {"cpu": a.cpus_per_trial}
+        tune.with_parameters(trial, base_cfg=base_cfg, sweep=sweep),
+        {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial},
     )
     run_dir = os.path.join(path, name)
     if not a.restart and tune.Tuner.can_restore(run_dir):

@@ -121,6 +121,11 @@ class ServingEngine:
         process = getattr(config, "diffusion_process", None) or "absorbing"
         self.process = get_process(process, len(tokenizer), tokenizer.mask_token_id)
         self.schedule = get_schedule(getattr(config, "noise_schedule", None) or "loglinear")
+        self.device = next(model.base.parameters()).device
+
+    def _collate(self, encoded: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate(encoded, self.tok.pad_token_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     @property
     def tasks(self) -> list[str]:
@@ -165,7 +170,7 @@ class ServingEngine:
                     raise ValueError("several adaptors and no router: give task weights")
                 w = [1.0]
             rows.append([math.nan] * n if w is None else list(w))
-        return torch.tensor(rows, dtype=torch.float32)
+        return torch.tensor(rows, dtype=torch.float32, device=self.device)
 
     def _named(self, w: torch.Tensor) -> dict[str, float]:
         return {task: round(float(v), 6) for task, v in zip(self.tasks, w, strict=True)}
@@ -180,7 +185,7 @@ class ServingEngine:
         encoded = [
             encode_prompt(self.tok, r.prompt, self.max_length, r.target_length) for r, _ in rows
         ]
-        batch = collate(encoded, self.tok.pad_token_id)
+        batch = self._collate(encoded)
         gens = [torch.Generator().manual_seed(r.seed + i) for r, i in rows]
         recorder = _RowWeights(self.model, len(rows))
         with self.model.task_weights(self._matrix([r.weights for r, _ in rows])):
@@ -212,11 +217,11 @@ class ServingEngine:
             group = [r for r in requests if r.task == task]
             spec = get_task(task)
             length = self.target_length(task)
-            cands = label_candidates(spec, self.tok, length)  # (K, T)
+            cands = label_candidates(spec, self.tok, length).to(self.device)  # (K, T)
             encoded = [
                 encode_prompt(self.tok, spec.prompt(r.text), self.max_length, length) for r in group
             ]
-            batch = collate(encoded, self.tok.pad_token_id)
+            batch = self._collate(encoded)
             gens = [torch.Generator().manual_seed(r.seed) for r in group]
             k = cands.shape[0]
             weights = self._matrix([r.weights for r in group]).repeat_interleave(k, 0)

@@ -75,6 +75,8 @@ class Settings(BaseModel):
     max_samples: int = Field(8, ge=1, description="most samples per generate request")
     scoring_num_t: int = Field(8, ge=1, description="noise levels of candidate scoring")
     threads: int | None = Field(None, ge=1, description="torch threads per replica")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$",
+                        description="auto: cuda when the replica has a GPU (num_gpus: 1)")
 
 
 def resolve_settings(args: dict[str, Any]) -> Settings:
@@ -184,6 +186,8 @@ class LoraDiffusionServer:
         if self.s.threads:
             torch.set_num_threads(self.s.threads)
         self.token = os.environ.get(self.s.token_env) or None
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = auto if self.s.device == "auto" else self.s.device
         self._load_engine = load_engine
         self.loaded = self._load()
         self.loaded_at = time.time()

@@ -136,6 +136,7 @@ def load_engine(
     *,
     max_length: int = 128,
     num_t: int = 8,
+    device: str = "cpu",
 ) -> Loaded:
     """Load the base (once: pass `base_model=(model, tokenizer, fingerprint)` to reuse it on a
     reload) and every adaptor `alias` points to; see the module docstring."""
@@ -162,6 +163,7 @@ def load_engine(
             model, tok = load_base(_base_dir(base, tracking_uri))
         except (OSError, ValueError) as e:
             raise LoadError(f"cannot load the base {base!r}: {e}") from None
+        model = model.to(device)
         base_model = (model, tok, base_fingerprint(model))
     model, tok, fingerprint = base_model
     adaptors, infos, skipped, kept = {}, [], [], {}
@@ -213,7 +215,7 @@ def load_engine(
                 f"the router routes to {missing}, which have no adaptor loaded "
                 f"(loaded: {sorted(adaptors)})"
             )
-    composed = AdaptedDenoiser(model, adaptors, routing, router_tasks)
+    composed = AdaptedDenoiser(model, adaptors, routing, router_tasks).to(device)
     engine = ServingEngine(composed, tok, max_length=max_length, num_t=num_t)
     info = {
         "fingerprint": fingerprint,
