@@ -1,0 +1,158 @@
+"""Sampling time: composed task adaptors vs the bare base, and the cache on vs off, in one run.
+
+    python benchmarks/sampling.py [--preset small] [--batch-size 8] [--seq-len 64] [--steps 128]
+        [--tasks 3] [--reps 3] [--device cpu] [--json]
+
+For the same random time-agnostic base (`preset_config(preset)`), batch (condition in the first
+half of each row, target in the second), seed and number of steps, measures one
+`sampling.sample` call of
+  base_cache        the bare base, cache=True: the network call is skipped while x_t is unchanged
+  base_nocache      the bare base, cache=False: one network call per step
+  composed_cache    an `AdaptedDenoiser` with --tasks random adaptors and per-example weights
+                    (rows one-hot, uniform over all tasks, or 0.5/0.5 over two), the base's
+                    output reused while x_t is unchanged (cache_base, the default)
+  composed_nocache  the same with cache_base=False: base and adaptors at every step
+Reports seconds per call (the median of --reps, after a warm-up call), network calls (base
+trunk forwards) and calls saved, and peak extra memory. Each kind runs in a fresh subprocess,
+measured as in `adaptor_step.py` (CPU: growth of max RSS from before the first call; GPU:
+torch.cuda.max_memory_allocated above model and batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+KINDS = ("base_cache", "base_nocache", "composed_cache", "composed_nocache")
+
+
+def task_weights(batch: int, n_tasks: int) -> torch.Tensor:
+    """(B, n_tasks) rows cycling through one-hot, uniform over all tasks, 0.5/0.5 over two."""
+    w = torch.zeros(batch, n_tasks)
+    for i in range(batch):
+        j = i % n_tasks
+        if i % 3 == 0:
+            w[i, j] = 1.0
+        elif i % 3 == 1:
+            w[i] = 1.0 / n_tasks
+        else:
+            w[i, j] = w[i, (j + 1) % n_tasks] = 0.5
+    return w
+
+
+def measure(kind: str, preset: str, batch: int, seq: int, steps: int, n_tasks: int,
+            device: str, reps: int) -> dict:  # fmt: skip
+    from lora_diffusion.adaptor import AdaptorConfig, TrajectoryAdaptor
+    from lora_diffusion.composition import AdaptedDenoiser
+    from lora_diffusion.corruption import get_process
+    from lora_diffusion.models import DiffusionLM, preset_config
+    from lora_diffusion.sampling import sample
+    from lora_diffusion.schedules import get_schedule
+
+    torch.manual_seed(0)
+    base = DiffusionLM(preset_config(preset)).to(device).eval()
+    v = base.config.vocab_size
+    ids = torch.randint(6, v, (batch, seq), device=device)
+    target = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+    target[:, seq // 2 :] = True  # condition in the first half, target in the second
+    attn = torch.ones_like(ids)
+    proc, sched = get_process("absorbing", v, base.config.mask_token_id), get_schedule("loglinear")
+    composed = kind.startswith("composed")
+    if composed:
+        adaptors = {}
+        for j in range(n_tasks):
+            torch.manual_seed(1 + j)
+            adaptor = TrajectoryAdaptor(AdaptorConfig(), base.config.hidden_size)
+            with torch.no_grad():  # non-zero up-projections, so every adaptor does perturb
+                for w in adaptor.parameters():
+                    w.normal_(std=0.02)
+            adaptors[f"task{j}"] = adaptor
+        model = AdaptedDenoiser(base, adaptors).to(device).eval()
+        model.cache_base = kind == "composed_cache"
+        weights = task_weights(batch, n_tasks).to(device)
+    else:
+        model, weights = base, None
+    cache = kind != "base_nocache"
+
+    def call():
+        g = torch.Generator().manual_seed(0)  # same trajectory on every call
+        if composed:
+            model.base_calls = model.base_calls_saved = 0
+            with model.task_weights(weights):
+                out = sample(model, proc, sched, ids, attn, target, steps, g, cache=cache)
+            return model.base_calls, model.base_calls_saved
+        out = sample(model, proc, sched, ids, attn, target, steps, g, cache=cache)
+        return out.network_calls, out.calls_saved
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        start_mem = torch.cuda.memory_allocated()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    call()  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):  # the median call: robust to a busy machine
+        t0 = time.perf_counter()
+        calls, saved = call()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    if cuda:
+        peak_mb = (torch.cuda.max_memory_allocated() - start_mem) / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    return {"kind": kind, "seconds": seconds, "peak_mb": peak_mb, "network_calls": calls,
+            "calls_saved": saved, "steps": steps, "tasks": n_tasks if composed else 0,
+            "time_agnostic": not base.time_conditioned}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--tasks", type=int, default=3, help="adaptors composed (>= 2)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--measure", choices=KINDS, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.tasks < 2:
+        p.error("--tasks must be >= 2 (a composition)")
+    args = (a.preset, a.batch_size, a.seq_len, a.steps, a.tasks, a.device, a.reps)
+    if a.measure:
+        print(json.dumps(measure(a.measure, *args)))
+        return
+    rows = {}
+    for kind in KINDS:
+        cmd = [sys.executable, __file__, "--measure", kind, "--preset", a.preset,
+               "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
+               "--steps", str(a.steps), "--tasks", str(a.tasks), "--reps", str(a.reps),
+               "--device", a.device]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows[kind] = json.loads(out.strip().splitlines()[-1])
+    ref = rows["base_cache"]
+    print(f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} steps={a.steps} "
+          f"tasks={a.tasks} device={a.device}")  # fmt: skip
+    print(f"{'':17} {'s/call':>9} {'peak MB':>9} {'calls':>6} {'saved':>6} {'time x':>7}")
+    for kind, r in rows.items():
+        r["time_ratio"] = r["seconds"] / ref["seconds"]
+        print(f"{kind:17} {r['seconds']:9.4f} {r['peak_mb']:9.1f} {r['network_calls']:6d} "
+              f"{r['calls_saved']:6d} {r['time_ratio']:7.2f}")  # fmt: skip
+    if a.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
