@@ -135,7 +135,7 @@ class GenerateResponse(BaseModel):
     weights_source: str
     steps: int
     versions: dict[str, int]
-    timing: dict[str, float]
+    timing: dict[str, float | int]
 
 
 class ClassifyResponse(BaseModel):
@@ -145,7 +145,7 @@ class ClassifyResponse(BaseModel):
     weights: dict[str, float]
     weights_source: str
     versions: dict[str, int]
-    timing: dict[str, float]
+    timing: dict[str, float | int]
 
 
 def unprocessable(field: str, message: str) -> HTTPException:

@@ -1,0 +1,436 @@
+"""Write the paper's tables and figures from finished MLflow runs: RESULTS.md and figures/.
+
+    python jobs/report.py --experiment lora-diffusion/sst2 --output-dir docs
+
+Reads the runs of every --experiment (narrowed by --runs-filter) and writes
+OUTPUT_DIR/RESULTS.md: method comparison (finished jobs/train.py runs, mean ± std over seeds),
+efficiency, convergence and forgetting, and one table per sweep (jobs/sweep.py's parent run and
+its nested trial runs); PNG figures go to OUTPUT_DIR/figures/. Every cell comes from a run, every
+table names its runs and the command that rebuilds it; absent values print as "—". Unless
+--no-log, the files are logged as artifacts of a new run named `report` in the first experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import statistics
+import sys
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jobs.common import base_parser, emit, fail  # noqa: E402
+from jobs.tracking import check_reachable, tracking_uri  # noqa: E402
+
+PARENT_TAG = "mlflow.parentRunId"  # set on jobs/sweep.py's trial runs
+NOT_TRAINING = {"sweep", "base", "report"}  # tag `kind` of sweep parents, pretraining, reports
+PEAK_MEMORY_KEYS = ("peak_mb", "peak_memory_mb")  # as benchmarks/ name it; no job logs it yet
+ABSENT = "—"
+
+# Columns: (header, value key, scale, format). Keys are run metrics or the derived ones of
+# `run_values`; a cell is the mean (± sample std) over a row's runs.
+METHOD_COLUMNS = (
+    ("gen. acc. (%)", "eval_accuracy", 100, "{:.1f}"),
+    ("scoring acc. (%)", "eval_accuracy_scoring", 100, "{:.1f}"),
+    ("train loss", "train_loss", 1, "{:.3f}"),
+    ("trainable (%)", "trainable_pct", 1, "{:.3f}"),
+    ("steps", "steps", 1, "{:.0f}"),
+)
+EFFICIENCY_COLUMNS = (
+    ("trainable params", "trainable_params", 1, "{:,.0f}"),
+    ("storage fp32 (MB)", "storage_mb", 1, "{:.3f}"),
+    ("storage bf16 (MB)", "storage_mb_bf16", 1, "{:.3f}"),
+    ("train seconds", "train_seconds", 1, "{:.1f}"),
+    ("peak memory (MB)", "peak_memory", 1, "{:.0f}"),
+)
+CONVERGENCE_COLUMNS = (
+    ("initial loss", "initial_loss", 1, "{:.3f}"),
+    ("final loss", "final_loss", 1, "{:.3f}"),
+    ("reduction (%)", "loss_reduction_pct", 1, "{:.1f}"),
+    ("convergence step", "convergence_step", 1, "{:.0f}"),
+    ("forgetting (nats/token)", "forgetting", 1, "{:+.4f}"),
+)
+
+
+def parse_args(argv=None):
+    p = base_parser(__doc__.splitlines()[0], training=False)
+    p.add_argument("--experiment", action="append", required=True, metavar="NAME",
+                   help="MLflow experiment to read (repeatable); the report run goes to "
+                   "the first")  # fmt: skip
+    p.add_argument("--tracking-uri", default=None,
+                   help="default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")  # fmt: skip
+    p.add_argument("--output-dir", default="docs", help="RESULTS.md and figures/ go here")
+    p.add_argument("--runs-filter", default="", metavar="FILTER",
+                   help="MLflow search filter on the runs: \"tags.method = 'x'\"")  # fmt: skip
+    p.add_argument("--no-log", action="store_true", help="do not log a `report` run to MLflow")
+    return p.parse_args(argv)
+
+
+# ---- reading runs -----------------------------------------------------------------------------
+
+
+def find_experiments(client, names: list[str]) -> dict[str, str]:
+    """{experiment id: name}; exits 2 naming an unknown experiment and listing the known ones."""
+    found = {}
+    for name in names:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            known = sorted(e.name for e in client.search_experiments(max_results=1000))
+            fail(f"unknown experiment {name!r}; known: {', '.join(known) or '(none)'}")
+        found[exp.experiment_id] = name
+    return found
+
+
+def search_all(client, experiment_ids: list[str], filter_string: str) -> list:
+    """Every active run of the experiments matching the filter, page by page, oldest first."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000,
+                                  order_by=["attributes.start_time ASC"],
+                                  page_token=token)  # fmt: skip
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def is_training_run(run) -> bool:
+    """A finished jobs/train.py run: task and method tags, no sweep parent, no other kind."""
+    tags = run.data.tags
+    return (run.info.status == "FINISHED" and "task" in tags and "method" in tags
+            and PARENT_TAG not in tags and tags.get("kind") not in NOT_TRAINING)  # fmt: skip
+
+
+def loss_history(client, run) -> list[tuple[int, float]]:
+    """(step, loss) points of the run's per-step `loss` metric, by step."""
+    points = client.get_metric_history(run.info.run_id, "loss")
+    return sorted((m.step, m.value) for m in points)
+
+
+def run_values(run, history: list[tuple[int, float]]) -> dict[str, float]:
+    """The run's final metrics plus what the tables derive: initial/final loss, its reduction,
+    peak memory (the first of PEAK_MEMORY_KEYS the run logged)."""
+    vals = {k: v for k, v in run.data.metrics.items() if math.isfinite(v)}
+    peak = next((vals[k] for k in PEAK_MEMORY_KEYS if k in vals), None)
+    if peak is not None:
+        vals["peak_memory"] = peak
+    if history:
+        vals["initial_loss"] = history[0][1]
+        vals["final_loss"] = vals.get("train_loss", history[-1][1])
+        if vals["initial_loss"]:
+            drop = vals["initial_loss"] - vals["final_loss"]
+            vals["loss_reduction_pct"] = 100 * drop / vals["initial_loss"]
+    return vals
+
+
+def seed_of(run) -> str:
+    params = run.data.params
+    return params.get("train.seed", params.get("seed", "?"))
+
+
+# ---- tables -----------------------------------------------------------------------------------
+
+
+def cell(values: list[dict], key: str, scale: float, spec: str) -> str:
+    """Mean over the runs that have `key`; ± the sample std when the values differ; (k/n) when
+    only k of the n runs have it."""
+    xs = [v[key] * scale for v in values if key in v]
+    if not xs:
+        return ABSENT
+    text = spec.format(statistics.fmean(xs))
+    if len(set(xs)) > 1:
+        text += " ± " + spec.replace("+", "").format(statistics.stdev(xs))
+    return text + (f" ({len(xs)}/{len(values)})" if len(xs) < len(values) else "")
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+
+
+def run_ref(run) -> str:
+    return f"`{run.info.run_name}` ({run.info.run_id})"
+
+
+def provenance(groups: dict, experiments: dict, command: str) -> list[str]:
+    """Which runs made which row (by experiment), and the command that rebuilds the table."""
+    lines = [f"Made from {sum(len(rs) for rs in groups.values())} runs:"]
+    for (task, method), runs in groups.items():
+        exps = sorted({experiments[r.info.experiment_id] for r in runs})
+        refs = ", ".join(run_ref(r) for r in runs)
+        lines.append(f"- {task} / {method} (experiment {', '.join(exps)}): {refs}")
+    return lines + ["", f"Rebuild: `{command}`"]
+
+
+def grouped_table(groups, values, columns, extra: dict | None = None) -> list[str]:
+    """One row per (task, method): n, every run's seed, a cell per column, then `extra`'s
+    columns ({header: {(task, method): cell}})."""
+    extra = extra or {}
+    rows = []
+    for key, runs in groups.items():
+        vals = [values[r.info.run_id] for r in runs]
+        seeds = ", ".join(sorted((seed_of(r) for r in runs), key=_order))  # repeats kept
+        rows.append([*key, str(len(runs)), seeds, *(cell(vals, *c[1:]) for c in columns),
+                     *(col[key] for col in extra.values())])  # fmt: skip
+    return markdown(["task", "method", "n", "seeds", *(c[0] for c in columns), *extra], rows)
+
+
+def vs_full(groups, values) -> dict:
+    """A column: each row's mean generative accuracy over the `full` row's of its task, in %."""
+    acc = {}
+    for key, runs in groups.items():
+        xs = [values[r.info.run_id].get("eval_accuracy") for r in runs]
+        xs = [x for x in xs if x is not None]
+        acc[key] = statistics.fmean(xs) if xs else None
+    col = {}
+    for task, method in groups:
+        mine, full = acc[(task, method)], acc.get((task, "full"))
+        col[(task, method)] = ABSENT if mine is None or not full else f"{100 * mine / full:.1f}"
+    return {"gen. acc. vs full (%)": col}
+
+
+def sweeps(client, runs) -> list[tuple]:
+    """(parent run, its child runs) for every run with nested children among `runs`."""
+    children = defaultdict(list)
+    for r in runs:
+        if PARENT_TAG in r.data.tags:
+            children[r.data.tags[PARENT_TAG]].append(r)
+    by_id = {r.info.run_id: r for r in runs}
+    return [(by_id.get(pid) or client.get_run(pid), kids) for pid, kids in children.items()]
+
+
+def swept_keys(children) -> list[str]:
+    """Params that differ among the children: jobs/sweep.py's `sweep.*` params when present."""
+    keys = sorted({k for c in children for k in c.data.params})
+    if any(k.startswith("sweep.") for k in keys):
+        keys = [k for k in keys if k.startswith("sweep.")]
+    else:  # every trial writes to its own folder
+        keys = [k for k in keys if k not in ("output_dir", "resume_from")]
+    return [k for k in keys if len({c.data.params.get(k) for c in children}) > 1]
+
+
+def sweep_section(parent, children, experiments, command) -> list[str]:
+    keys = swept_keys(children)
+    header = [k.removeprefix("sweep.") for k in keys]
+    header += ["score (%)", "eval gold loss", "trainable params", "status", "run"]
+    rows = []
+    for c in sorted(children, key=lambda c: [_order(c.data.params.get(k, "")) for k in keys]):
+        m = c.data.metrics
+        rows.append([c.data.params.get(k, ABSENT) for k in keys] + [
+            cell([m], "eval_accuracy_scoring", 100, "{:.1f}"),
+            cell([m], "eval_gold_loss", 1, "{:.4f}"),
+            cell([m], "trainable_params", 1, "{:,.0f}"),
+            c.info.status.lower(), run_ref(c),
+        ])  # fmt: skip
+    name = parent.data.tags.get("sweep", parent.info.run_name)
+    p = parent.data.params
+    return [
+        f"### Sweep `{name}` (task {p.get('task', ABSENT)}, method {p.get('method', ABSENT)})",
+        "", "Score: candidate-scoring accuracy (`eval_accuracy_scoring`, the last logged value: "
+        "stopped trials show their last evaluation).", "", *markdown(header, rows), "",
+        f"Made from sweep run {run_ref(parent)} and its {len(children)} child runs (the run "
+        f"column), experiment {experiments.get(parent.info.experiment_id, ABSENT)}.", "",
+        f"Rebuild: `{command}`", "", f"![sweep {name}](figures/{sweep_figure(name)})", "",
+    ]  # fmt: skip
+
+
+def sweep_figure(name: str) -> str:
+    return "sweep-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", name) + ".png"
+
+
+# ---- figures ----------------------------------------------------------------------------------
+
+
+def plot_loss_curves(groups, histories, path: Path) -> Path:
+    """One panel per task, one line per run, coloured by method."""
+    from lora_diffusion.plots import pyplot, save_figure
+
+    tasks = sorted({task for task, _ in groups})
+    methods = sorted({method for _, method in groups})
+    fig, axes = pyplot().subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for method in methods:
+            with_loss = [r for r in groups.get((task, method), []) if histories[r.info.run_id]]
+            for i, r in enumerate(with_loss):
+                steps, losses = zip(*histories[r.info.run_id], strict=True)
+                ax.plot(steps, losses, color=f"C{methods.index(method) % 10}", alpha=0.8,
+                        label=method if i == 0 else None)  # fmt: skip
+        ax.set(xlabel="step", ylabel="loss", title=f"{task}: training loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_score_vs_params(groups, values, path: Path) -> Path:
+    """Scoring accuracy against trainable parameters (log x), one point per run."""
+    from lora_diffusion.plots import pyplot, save_figure
+
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    for (task, method), runs in groups.items():
+        pts = [(v["trainable_params"], 100 * v["eval_accuracy_scoring"])
+               for v in (values[r.info.run_id] for r in runs)
+               if "trainable_params" in v and "eval_accuracy_scoring" in v]  # fmt: skip
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), label=f"{task} / {method}")
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="scoring accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_sweep(name: str, children, path: Path) -> Path:
+    """Score against each swept param (a numeric axis when the values are numbers); trials that
+    did not finish (stopped early, failed) in red."""
+    from lora_diffusion.plots import pyplot, save_figure
+
+    keys = swept_keys(children) or ["run"]
+    scored = [c for c in children if "eval_accuracy_scoring" in c.data.metrics]
+    ys = [100 * c.data.metrics["eval_accuracy_scoring"] for c in scored]
+    colors = ["C0" if c.info.status == "FINISHED" else "C3" for c in scored]
+    fig, axes = pyplot().subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        values = [c.data.params.get(key, c.info.run_name) for c in scored]
+        xs = [_number(v) for v in values]
+        if any(x is None for x in xs):  # categorical: one tick per distinct value
+            labels = sorted(set(values), key=_order)
+            xs = [labels.index(v) for v in values]
+            ax.set_xticks(range(len(labels)), [_short(v) for v in labels], rotation=25,
+                          ha="right", fontsize=7)  # fmt: skip
+        ax.scatter(xs, ys, c=colors)
+        ax.set(xlabel=key.removeprefix("sweep."), ylabel="scoring accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"sweep {name} (red: not finished)")
+    return save_figure(fig, path)
+
+
+def _short(text: str) -> str:
+    """A param value for a tick label: a mapping of dotted keys as `k=v` pairs, compact JSON."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(value, dict):
+        return ", ".join(f"{k.split('.')[-1]}={_short(json.dumps(v))}" for k, v in value.items())
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _order(text: str) -> tuple:
+    """Numbers by value, then other values as text."""
+    x = _number(text)
+    return (x is None, x or 0.0, text)
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    return float(value) if isinstance(value, int | float) else None
+
+
+# ---- the job ----------------------------------------------------------------------------------
+
+
+def section(title: str, body: list[str], missing: str = "") -> list[str]:
+    return [f"## {title}", "", *(body or [f"_Skipped: {missing}._"]), ""]
+
+
+def training_sections(client, runs, experiments, command, figures: Path) -> tuple[list, list]:
+    """The three tables over finished training runs, one row per (task, method); their figures."""
+    groups = defaultdict(list)
+    for r in filter(is_training_run, runs):
+        groups[(r.data.tags["task"], r.data.tags["method"])].append(r)
+    groups = dict(sorted(groups.items()))
+    titles = ("Method comparison", "Efficiency", "Convergence and forgetting")
+    if not groups:
+        none = "no finished training runs (tags task and method, not sweep trials)"
+        return [ln for t in titles for ln in section(t, [], none)], []
+    runs = [r for rs in groups.values() for r in rs]
+    histories = {r.info.run_id: loss_history(client, r) for r in runs}
+    values = {r.info.run_id: run_values(r, histories[r.info.run_id]) for r in runs}
+    made = [plot_loss_curves(groups, histories, figures / "loss_curves.png"),
+            plot_score_vs_params(groups, values, figures / "score_vs_params.png")]  # fmt: skip
+    prov = ["", *provenance(groups, experiments, command)]
+    links = ["", *(f"![{p.stem}](figures/{p.name})" for p in made)]
+    tables = (grouped_table(groups, values, METHOD_COLUMNS, vs_full(groups, values)),
+              grouped_table(groups, values, EFFICIENCY_COLUMNS),
+              grouped_table(groups, values, CONVERGENCE_COLUMNS))  # fmt: skip
+    lines = []
+    for title, table in zip(titles, tables, strict=True):
+        lines += section(title, table + prov + (links if title == titles[-1] else []))
+    return lines, made
+
+
+def sweep_sections(client, runs, experiments, command, figures: Path) -> tuple[list, list]:
+    """A table and a figure per sweep parent run."""
+    body, made = [], []
+    for parent, children in sweeps(client, runs):
+        name = parent.data.tags.get("sweep", parent.info.run_name)
+        body += sweep_section(parent, children, experiments, command)
+        made.append(plot_sweep(name, children, figures / sweep_figure(name)))
+    return section("Sweeps", body, "no runs with nested child runs"), made
+
+
+def build_report(client, experiments: dict, runs: list, command: str, out: Path) -> list[Path]:
+    """Write RESULTS.md and figures/ under `out`; returns the files written."""
+    lines = [
+        "# Results", "",
+        f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from MLflow experiments "
+        f"{', '.join(f'`{e}`' for e in experiments.values())} ({len(runs)} runs read). "
+        f"Rebuild: `{command}`", "",
+        "Cells are means over a row's runs ± their sample std (no ± : every run had the same "
+        f"value); (k/n): only k of the n runs logged it; {ABSENT}: not logged.", "",
+    ]  # fmt: skip
+    made = []
+    for make in (training_sections, sweep_sections):
+        body, figs = make(client, runs, experiments, command, out / "figures")
+        lines, made = lines + body, made + figs
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "RESULTS.md").write_text("\n".join(lines).rstrip() + "\n")
+    return [out / "RESULTS.md", *made]
+
+
+def log_report(client, experiment_id: str, files: list[Path], command: str) -> str:
+    """A new run `report` holding RESULTS.md and the figures made (under figures/)."""
+    run = client.create_run(experiment_id, run_name="report",
+                            tags={"kind": "report", "command": command[:5000]})  # fmt: skip
+    for f in files:
+        client.log_artifact(run.info.run_id, str(f), None if f.suffix == ".md" else "figures")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    command = "python jobs/report.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    uri = tracking_uri(a.tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        fail(f"no MLflow store at {uri} (pass --tracking-uri or set $MLFLOW_TRACKING_URI)")
+    check_reachable(uri)
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(uri)
+    try:
+        experiments = find_experiments(client, a.experiment)
+        runs = search_all(client, list(experiments), a.runs_filter)
+        runs = [r for r in runs if r.data.tags.get("kind") != "report"]
+        files = build_report(client, experiments, runs, command, Path(a.output_dir))
+        result = {"results": str(files[0]), "figures": [str(f) for f in files[1:]],
+                  "runs": len(runs)}  # fmt: skip
+        if not a.no_log:
+            result["mlflow_run_id"] = log_report(client, next(iter(experiments)), files, command)
+    except MlflowException as e:
+        fail(e.message)
+    emit(result, a.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
