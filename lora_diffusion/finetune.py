@@ -182,6 +182,7 @@ def finetune(
         "steps": state.step,
         "resumed_from_step": checkpoint_step(cfg.resume_from),
         "train_seconds": train_seconds,
+        "peak_mb": _peak_mb(dist.device),
     }
     result["convergence_step"] = _convergence(state.history)
     if bundle.describe is not None:
@@ -190,6 +191,16 @@ def finetune(
     result.update(adaptor_dir=str(out_dir / "adaptor"), seconds=time.perf_counter() - start)
     _write_results(out_dir, result, state.history, cfg)
     return result
+
+
+def _peak_mb(device) -> float:
+    """Peak memory of training: the GPU's max allocated bytes, or on CPU the process's peak
+    resident set (base, data and all; a process-wide high-water mark)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 1e6
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _periodic_eval(cfg: FinetuneConfig, model: nn.Module, tok) -> Callable[[], dict]:
