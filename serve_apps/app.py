@@ -75,8 +75,11 @@ class Settings(BaseModel):
     max_samples: int = Field(8, ge=1, description="most samples per generate request")
     scoring_num_t: int = Field(8, ge=1, description="noise levels of candidate scoring")
     threads: int | None = Field(None, ge=1, description="torch threads per replica")
-    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$",
-                        description="auto: cuda when the replica has a GPU (num_gpus: 1)")
+    device: str = Field(
+        "auto",
+        pattern="^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="auto: cuda when the replica has a GPU (num_gpus: 1)",
+    )
 
 
 def resolve_settings(args: dict[str, Any]) -> Settings:
@@ -146,6 +149,10 @@ class ClassifyResponse(BaseModel):
     weights_source: str
     versions: dict[str, int]
     timing: dict[str, float | int]
+
+
+class VersionConflict(RuntimeError):
+    """A request validated against adaptors that a reload replaced before its batch ran."""
 
 
 def unprocessable(field: str, message: str) -> HTTPException:
@@ -250,25 +257,47 @@ class LoraDiffusionServer:
     # --- batching ------------------------------------------------------------------------
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def batch(self, items: list) -> list:
+        """items: (request, task weights by name or None for the router). The names are
+        resolved here, against the engine that runs the batch: a reload between a request's
+        validation and its batch cannot misplace its weights."""
         loaded = self.loaded  # one engine, hence one set of versions, for the whole batch
+        results: list = [None] * len(items)
+        ready = []
+        for i, (req, named) in enumerate(items):
+            try:
+                req.weights = self._resolve(loaded.engine, named)
+                ready.append(i)
+            except ValueError as e:
+                results[i] = VersionConflict(f"the loaded adaptors changed: {e}; retry")
+        reqs = [items[i][0] for i in ready]
         try:
-            results = await asyncio.to_thread(loaded.engine.run, items)
-        except Exception as e:  # isolate a failing request instead of failing the batch
-            log.exception("batch of %d failed; retrying one by one", len(items))
-            results = []
-            for item in items:
+            done = await asyncio.to_thread(loaded.engine.run, reqs) if reqs else []
+        except Exception:  # isolate a failing request instead of failing the batch
+            log.exception("batch of %d failed; retrying one by one", len(reqs))
+            done = []
+            for req in reqs:
                 try:
-                    results.append((await asyncio.to_thread(loaded.engine.run, [item]))[0])
+                    done.append((await asyncio.to_thread(loaded.engine.run, [req]))[0])
                 except Exception as err:
-                    results.append(err)
-            if all(isinstance(r, Exception) for r in results):
-                raise e
-        return [
-            r if isinstance(r, Exception) else {**r, "versions": loaded.versions} for r in results
-        ]
+                    done.append(err)
+        for i, r in zip(ready, done, strict=True):
+            results[i] = r if isinstance(r, Exception) else {**r, "versions": loaded.versions}
+        return results
 
-    async def _submit(self, item) -> dict:
-        out = await self.batch(item)
+    @staticmethod
+    def _resolve(engine, named: dict | None) -> list[float] | None:
+        if named is not None:
+            return engine.weight_vector(named)
+        if engine.has_router:
+            return None
+        if len(engine.tasks) == 1:
+            return [1.0]
+        raise ValueError("the router is gone and several adaptors are loaded")
+
+    async def _submit(self, req, named: dict | None) -> dict:
+        out = await self.batch((req, named))
+        if isinstance(out, VersionConflict):
+            raise HTTPException(409, detail=str(out))
         if isinstance(out, Exception):
             raise HTTPException(500, detail=f"the model failed on this request: {out}")
         return out
@@ -290,22 +319,24 @@ class LoraDiffusionServer:
         return task
 
     def _weights(self, weights, task: str | None, prefer_task: bool):
-        """(vector or None for the router, source) for a request."""
+        """(task weights by name, normalised, or None for the router; source) of a request,
+        checked against the loaded adaptors."""
         engine = self.loaded.engine
         if weights is not None:
             try:
-                return engine.weight_vector(weights), "explicit"
+                vector = engine.weight_vector(weights)
             except ValueError as e:
                 raise unprocessable("weights", str(e)) from None
+            return dict(zip(engine.tasks, vector, strict=True)), "explicit"
         own = task in engine.tasks
         if prefer_task and own:
-            return engine.weight_vector({task: 1.0}), "task"
+            return {task: 1.0}, "task"
         if engine.has_router:
             return None, "router"
         if own:
-            return engine.weight_vector({task: 1.0}), "task"
+            return {task: 1.0}, "task"
         if len(engine.tasks) == 1:
-            return [1.0], "adaptor"
+            return {engine.tasks[0]: 1.0}, "adaptor"
         raise unprocessable(
             "weights",
             f"several adaptors {engine.tasks} and no router: give "
@@ -368,9 +399,9 @@ class LoraDiffusionServer:
             raise unprocessable("steps", f"must be in [1, {s.max_steps}]")
         if not 1 <= body.num_samples <= s.max_samples:
             raise unprocessable("num_samples", f"must be in [1, {s.max_samples}]")
-        weights, source = self._weights(body.weights, task, prefer_task=False)
-        req = GenerateRequest(prompt, length, weights, steps, body.seed, body.num_samples)
-        out = await self._submit(req)
+        named, source = self._weights(body.weights, task, prefer_task=False)
+        req = GenerateRequest(prompt, length, None, steps, body.seed, body.num_samples)
+        out = await self._submit(req, named)
         out["timing"]["total_ms"] = round(1000 * (time.perf_counter() - start), 2)
         return {**out, "weights_source": source, "steps": steps}
 
@@ -382,8 +413,8 @@ class LoraDiffusionServer:
         start = time.perf_counter()
         task = self._task("task", body.task)
         text = self._text("input", body.input)
-        weights, source = self._weights(body.weights, task, prefer_task=True)
-        out = await self._submit(ClassifyRequest(task, text, weights, body.seed))
+        named, source = self._weights(body.weights, task, prefer_task=True)
+        out = await self._submit(ClassifyRequest(task, text, None, body.seed), named)
         out["timing"]["total_ms"] = round(1000 * (time.perf_counter() - start), 2)
         if any(not math.isfinite(v) for v in out["scores"].values()):
             raise HTTPException(500, detail="non-finite scores")
