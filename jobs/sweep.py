@@ -513,7 +513,7 @@ def _plot(rows, metric, path: Path, name: str) -> None:
         ax.annotate(label, (x, r["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("trainable parameters (M)")
     ax.set_ylabel(metric)
-    ax.set_title(f"sweep {name}: score vs trainable parameters (red: stopped early)")
+    ax.set_title(f"sweep {name}: score vs trainable parameters\n(red: stopped early)", fontsize=10)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
 
