@@ -9,8 +9,10 @@ same `serve_apps.app:build_app` as `serve run`) on 127.0.0.1, and measures:
 
   load         --requests mixed requests (generate with one-hot / mixed / router weights and
                classify, over every task) at --concurrency: throughput, p50/p99, errors
-  single_task  --ratio-requests generate requests, all for one task, one-hot
-  mixed_task   the same count, tasks and weightings mixed     -> ratio mixed / single
+  single_task  --ratio-requests generate requests (raw prompts, 4 tokens, 4 steps), all for
+               one task's adaptor
+  mixed_task   the same traffic, each request with its own weighting (one task's adaptor over
+               every task, two-task mixes, the router)       -> ratio mixed / single
   batch_1      the mixed traffic with max_batch_size 1        -> ratio batched / batch_1
 
 Every phase stops issuing at --max-seconds. Prints one JSON line per phase and a table.
@@ -42,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--max-seconds", type=float, default=300, help="cap per phase")
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s")
     p.add_argument("--port", type=int, default=8011)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="also write the results to this JSON file")
@@ -111,21 +114,24 @@ def mixed_requests(n: int, tasks: list[str], rng: random.Random) -> list[tuple[s
 
 
 def single_requests(n: int, task: str, rng: random.Random) -> list[tuple[str, dict]]:
-    return [
-        ("/v1/generate", {"task": task, "input": rng.choice(TEXTS), "weights": {task: 1.0},
-                          "seed": i})
-        for i in range(n)
-    ]  # fmt: skip
+    """Raw prompts, 4 new tokens in 4 steps, all for `task`'s adaptor."""
+    return [("/v1/generate", {"prompt": rng.choice(TEXTS), "max_new_tokens": 4, "steps": 4,
+                              "weights": {task: 1.0}, "seed": i}) for i in range(n)]  # fmt: skip
 
 
 def mixed_generate(n: int, tasks: list[str], rng: random.Random) -> list[tuple[str, dict]]:
-    """Generate only (like single_requests), but every task and weighting mixed."""
+    """The same traffic as `single_requests` (prompts, lengths, steps), but each request with
+    its own weighting: one task's adaptor (cycling over the tasks), two tasks mixed, or the
+    router's choice."""
     out = []
     for i in range(n):
-        task = tasks[i % len(tasks)]
-        weights = {task: 1.0} if i % 2 else {t: 1.0 for t in tasks}
-        out.append(("/v1/generate", {"task": task, "input": rng.choice(TEXTS),
-                                     "weights": weights, "seed": i}))  # fmt: skip
+        body = {"prompt": rng.choice(TEXTS), "max_new_tokens": 4, "steps": 4, "seed": i}
+        task, kind = tasks[i % len(tasks)], i % 3
+        if kind == 0:
+            body["weights"] = {task: 1.0}
+        elif kind == 1:
+            body["weights"] = {task: 0.5, tasks[(i + 1) % len(tasks)]: 0.5}
+        out.append(("/v1/generate", body))  # kind 2: the router's weights
     return out
 
 
@@ -171,14 +177,14 @@ async def drive(url: str, requests, concurrency: int, max_seconds: float) -> dic
     }
 
 
-def deploy(store: str, root: Path, max_batch_size: int, port: int):
+def deploy(store: str, root: Path, max_batch_size: int, port: int, wait: float):
     from ray import serve
 
     from serve_apps.app import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"tracking_uri": store, "router": str(root / "router"), "poll_seconds": 0,
-                     "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.01})  # fmt: skip
+                     "max_batch_size": max_batch_size, "batch_wait_timeout_s": wait})  # fmt: skip
     serve.run(app, name="lora-diffusion", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
@@ -196,7 +202,7 @@ def main(argv=None) -> dict:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = {}
     try:
-        url = deploy(store, root, a.max_batch_size, a.port)
+        url = deploy(store, root, a.max_batch_size, a.port, a.batch_wait)
         asyncio.run(drive(url, mixed_requests(64, tasks, rng), a.concurrency, 60))  # warm-up
         phases = [
             ("load", mixed_requests(a.requests, tasks, rng)),
@@ -206,7 +212,7 @@ def main(argv=None) -> dict:
         for name, reqs in phases:
             results[name] = asyncio.run(drive(url, reqs, a.concurrency, a.max_seconds))
             print(json.dumps({"phase": name, **results[name]}), flush=True)
-        deploy(store, root, 1, a.port)
+        deploy(store, root, 1, a.port, a.batch_wait)
         reqs = mixed_generate(a.ratio_requests, tasks, rng)
         results["batch_1"] = asyncio.run(drive(url, reqs, a.concurrency, a.max_seconds))
         print(json.dumps({"phase": "batch_1", **results["batch_1"]}), flush=True)

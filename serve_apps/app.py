@@ -63,7 +63,7 @@ class Settings(BaseModel):
         30.0, ge=0, description="registry poll interval; 0: only POST /v1/admin/reload"
     )
     max_batch_size: int = Field(16, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
     token_env: str = Field(
         "LORA_DIFFUSION_SERVE_TOKEN",
         description="environment variable holding the bearer "
@@ -255,7 +255,7 @@ class LoraDiffusionServer:
             )
 
     # --- batching ------------------------------------------------------------------------
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
     async def batch(self, items: list) -> list:
         """items: (request, task weights by name or None for the router). The names are
         resolved here, against the engine that runs the batch: a reload between a request's
