@@ -91,13 +91,10 @@ def sample(
         alpha_s = float(schedule.alpha(torch.tensor(s))) if s > 0 else 1.0
         prev = x
         x = x.clone()
-        if per_row:  # rows' target positions are contiguous in x[target_mask] and in probs
-            sizes = target_mask.sum(1).tolist()
-            x[target_mask] = torch.cat([
-                process.posterior_step(xt, p, alpha_t, alpha_s, g)
-                for xt, p, g in zip(x[target_mask].split(sizes), probs.split(sizes), generator,
-                                    strict=True)
-            ])  # fmt: skip
+        if per_row:
+            n = len(generator)
+            x[target_mask] = _posterior_rows(process, x, target_mask, probs, [alpha_t] * n,
+                                             [alpha_s] * n, generator)  # fmt: skip
         else:
             x[target_mask] = process.posterior_step(
                 x[target_mask], probs, alpha_t, alpha_s, generator
@@ -132,22 +129,25 @@ def _sample_rows(denoiser, process, schedule, input_ids, attention_mask, target_
         h = denoiser.hidden_states(xs, attention_mask[idx], tt, condition_mask=cond_mask[idx])
         probs = _x0_probs(denoiser.output_head(h[tm]), process)  # (N, V)
         out.network_calls += 1
-        new = []
-        for j, (r, xt, p) in enumerate(
-            zip(
-                rows, xs[tm].split(tm.sum(1).tolist()), probs.split(tm.sum(1).tolist()), strict=True
-            )
-        ):
-            s = (steps[r] - k - 1) / steps[r]
-            alpha_t = float(schedule.alpha(torch.tensor(t[j])))
-            alpha_s = float(schedule.alpha(torch.tensor(s))) if s > 0 else 1.0
-            new.append(process.posterior_step(xt, p, alpha_t, alpha_s, generators[r]))
+        alpha = lambda u: float(schedule.alpha(torch.tensor(u))) if u > 0 else 1.0
         xs = xs.clone()
-        xs[tm] = torch.cat(new)
+        xs[tm] = _posterior_rows(
+            process, xs, tm, probs, [alpha(u) for u in t],
+            [alpha((steps[r] - k - 1) / steps[r]) for r in rows], [generators[r] for r in rows],
+        )  # fmt: skip
         x = x.clone()
         x[idx] = xs
     out.tokens = x
     return out
+
+
+def _posterior_rows(process, x, target_mask, probs, alphas_t, alphas_s, generators):
+    """One posterior step row by row, each with its own alphas and generator: the new tokens at
+    x[target_mask] (rows' target positions are contiguous there and in probs (N, V))."""
+    sizes = target_mask.sum(1).tolist()
+    parts = zip(x[target_mask].split(sizes), probs.split(sizes), alphas_t, alphas_s, generators,
+                strict=True)  # fmt: skip
+    return torch.cat([process.posterior_step(*part) for part in parts])
 
 
 def _x0_probs(logits: torch.Tensor, process: ForwardProcess) -> torch.Tensor:

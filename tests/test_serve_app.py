@@ -60,6 +60,22 @@ def local_engine(base_dir: Path, adaptors: dict[str, Path]):
     return ServingEngine(AdaptedDenoiser(base, loaded), tok, max_length=96 + 64 + 2)
 
 
+#: One task's adaptor, explicitly: the app must answer what that adaptor alone answers.
+ONE_HOT = {"task": "sst2", "input": "a moving and gripping film", "weights": {"sst2": 1.0},
+           "seed": 7, "num_samples": 3, "steps": 4}  # fmt: skip
+
+
+def one_hot_answer(base_dir: Path, adaptor_dir: Path) -> list[str]:
+    """The texts an in-process engine with only `adaptor_dir` gives for ONE_HOT."""
+    from lora_diffusion.serving import GenerateRequest
+
+    engine = local_engine(base_dir, {"sst2": adaptor_dir})
+    prompt = engine.task_prompt(ONE_HOT["task"], ONE_HOT["input"])
+    req = GenerateRequest(prompt, engine.target_length("sst2"), None, ONE_HOT["steps"],
+                          ONE_HOT["seed"], ONE_HOT["num_samples"])  # fmt: skip
+    return engine.generate([req])[0]["texts"]
+
+
 def _free_port() -> int:
     import socket
 
@@ -195,24 +211,11 @@ def test_token_is_required_on_the_api(server):
 
 
 def test_one_hot_weights_reproduce_the_single_task_answer(server, registry):
-    from lora_diffusion.serving import GenerateRequest
-
-    body = {
-        "task": "sst2",
-        "input": "a moving and gripping film",
-        "weights": {"sst2": 1.0},
-        "seed": 7,
-        "num_samples": 3,
-        "steps": 4,
-    }
-    got = post(server, "/v1/generate", body)
+    got = post(server, "/v1/generate", ONE_HOT)
     assert got.status_code == 200, got.text
     got = got.json()
     assert got["weights"] == {"sst2": 1.0, "trec": 0.0} and got["weights_source"] == "explicit"
-    engine = local_engine(registry.base_dir, {"sst2": registry.dirs["sst2"]})
-    prompt = engine.task_prompt("sst2", "a moving and gripping film")
-    alone = engine.generate([GenerateRequest(prompt, engine.target_length("sst2"), None, 4, 7, 3)])
-    assert got["texts"] == alone[0]["texts"]
+    assert got["texts"] == one_hot_answer(registry.base_dir, registry.dirs["sst2"])
     assert got["versions"] == {"sst2-ld": 1, "trec-ld": 1}
 
 
@@ -325,22 +328,10 @@ def test_a_moved_alias_is_picked_up_without_restart(server, registry):
     while httpx.get(f"{server}/healthz", timeout=10).json()["versions"]["sst2-ld"] != 2:
         assert time.time() < deadline, "the app did not pick up the new version (poll)"
         time.sleep(0.5)
-    body = {
-        "task": "sst2",
-        "input": "a moving and gripping film",
-        "weights": {"sst2": 1.0},
-        "seed": 7,
-        "num_samples": 3,
-        "steps": 4,
-    }
-    got = post(server, "/v1/generate", body).json()
+    got = post(server, "/v1/generate", ONE_HOT).json()
     assert got["versions"]["sst2-ld"] == 2
-    from lora_diffusion.serving import GenerateRequest
 
-    engine = local_engine(registry.base_dir, {"sst2": registry.root / "sst2-v2"})
-    prompt = engine.task_prompt("sst2", "a moving and gripping film")
-    alone = engine.generate([GenerateRequest(prompt, engine.target_length("sst2"), None, 4, 7, 3)])
-    assert got["texts"] == alone[0]["texts"]
+    assert got["texts"] == one_hot_answer(registry.base_dir, registry.root / "sst2-v2")
     client = mlflow.MlflowClient(registry.store)
     client.set_registered_model_alias("sst2-ld", "production", "1")  # roll back, by admin call
     reloaded = post(server, "/v1/admin/reload", None).json()
