@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint experiments experiments-quick
 
 setup:
 	bash scripts/setup.sh
@@ -15,3 +15,11 @@ test: setup
 
 lint:
 	. .venv/bin/activate && ruff check lora_diffusion jobs tests && ruff format --check lora_diffusion jobs tests
+
+# The paper's experiments on the small base, then docs/RESULTS.md (see README: jobs/experiments.py).
+BASE ?= runs/base-small2/model
+experiments:
+	. .venv/bin/activate && python jobs/experiments.py --base $(BASE)
+
+experiments-quick:
+	. .venv/bin/activate && python jobs/experiments.py --base $(BASE) --quick

@@ -345,7 +345,8 @@ def training_sections(client, runs, experiments, command, figures: Path) -> tupl
     """The three tables over finished training runs, one row per (task, method); their figures."""
     groups = defaultdict(list)
     for r in filter(is_training_run, runs):
-        groups[(r.data.tags["task"], r.data.tags["method"])].append(r)
+        if r.data.tags.get("study", "methods") == "methods":
+            groups[(r.data.tags["task"], r.data.tags["method"])].append(r)
     groups = dict(sorted(groups.items()))
     titles = ("Method comparison", "Efficiency", "Convergence and forgetting")
     if not groups:
@@ -356,6 +357,9 @@ def training_sections(client, runs, experiments, command, figures: Path) -> tupl
     values = {r.info.run_id: run_values(r, histories[r.info.run_id]) for r in runs}
     made = [plot_loss_curves(groups, histories, figures / "loss_curves.png"),
             plot_score_vs_params(groups, values, figures / "score_vs_params.png")]  # fmt: skip
+    ranks = effective_ranks(client, groups)
+    if ranks:
+        made.append(plot_effective_ranks(ranks, figures / "effective_rank_by_phase.png"))
     prov = ["", *provenance(groups, experiments, command)]
     links = ["", *(f"![{p.stem}](figures/{p.name})" for p in made)]
     tables = (grouped_table(groups, values, METHOD_COLUMNS, vs_full(groups, values)),
@@ -364,7 +368,148 @@ def training_sections(client, runs, experiments, command, figures: Path) -> tupl
     lines = []
     for title, table in zip(titles, tables, strict=True):
         lines += section(title, table + prov + (links if title == titles[-1] else []))
+    lines += section("Effective rank by phase", effective_rank_table(ranks),
+                     "no LoRA-Diffusion run with an adaptor_report.json artifact")  # fmt: skip
     return lines, made
+
+
+def effective_ranks(client, groups) -> dict:
+    """{(task, phase, rank, sigma): [effective rank of W_A of each module of each run]} from
+    the adaptor_report.json artifact of the lora_diffusion runs."""
+    import mlflow.artifacts
+
+    out = defaultdict(list)
+    for (task, method), runs in groups.items():
+        if method != "lora_diffusion":
+            continue
+        for r in runs:
+            try:
+                text = mlflow.artifacts.load_text(f"{r.info.artifact_uri}/adaptor_report.json")
+                modules = json.loads(text)["modules"]
+            except Exception:  # noqa: BLE001 - a run without the file simply adds nothing
+                continue
+            for m in modules:
+                key = (task, int(m["phase"]), int(m["rank"]), float(m["sigma"]))
+                out[key].append(float(m["effective_rank_up"]))
+    return dict(sorted(out.items()))
+
+
+def effective_rank_table(ranks: dict) -> list[str]:
+    if not ranks:
+        return []
+    rows = [[task, str(phase), str(rank), f"{sigma:g}", str(len(xs)),
+             cell([{"x": x} for x in xs], "x", 1, "{:.2f}")]
+            for (task, phase, rank, sigma), xs in ranks.items()]  # fmt: skip
+    return [
+        "Effective rank (exp of the entropy of the normalised singular values, the paper's "
+        "definition) of each module's up-projection W_A, mean ± std over the modules of the "
+        "phase in every LoRA-Diffusion run of the method comparison (phase 0: the earliest, "
+        "noisiest steps).", "", *markdown(["task", "phase", "rank", "sigma", "modules",
+                                           "effective rank"], rows), "",
+        "![effective rank by phase](figures/effective_rank_by_phase.png)",
+    ]  # fmt: skip
+
+
+def plot_effective_ranks(ranks: dict, path: Path) -> Path:
+    from lora_diffusion.plots import pyplot, save_figure
+
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    tasks = sorted({k[0] for k in ranks})
+    for i, task in enumerate(tasks):
+        keys = [k for k in ranks if k[0] == task]
+        xs = [k[1] for k in keys]
+        ys = [statistics.fmean(ranks[k]) for k in keys]
+        ax.plot(xs, ys, "o-", color=f"C{i}", label=f"{task}: mean effective rank")
+        ax.plot(xs, [k[2] for k in keys], "x--", color=f"C{i}", alpha=0.5, label=f"{task}: rank")
+    ax.set(xlabel="phase (0 = early, noisy t)", ylabel="rank", yscale="log",
+           title="effective rank of W_A across diffusion phases")  # fmt: skip
+    ax.set_xticks(sorted({k[1] for k in ranks}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def data_size_sections(client, runs, experiments, command, figures: Path) -> tuple[list, list]:
+    """Accuracy against training-set size (runs tagged study=data_size), one line per method."""
+    groups = defaultdict(list)
+    for r in filter(is_training_run, runs):
+        if r.data.tags.get("study") == "data_size":
+            n = _number(r.data.params.get("train_limit", "null"))
+            groups[(r.data.tags["method"], int(n) if n else 0)].append(r)
+    title = "Accuracy against training-set size (Figure 3)"
+    if not groups:
+        return section(title, [], "no runs tagged study=data_size"), []
+    groups = dict(sorted(groups.items()))
+    values = {r.info.run_id: run_values(r, []) for rs in groups.values() for r in rs}
+    rows = [[method, f"{n:,}", str(len(rs)), cell([values[r.info.run_id] for r in rs],
+             "eval_accuracy_scoring", 100, "{:.1f}"), cell([values[r.info.run_id] for r in rs],
+             "eval_accuracy", 100, "{:.1f}"), ", ".join(run_ref(r) for r in rs)]
+            for (method, n), rs in groups.items()]  # fmt: skip
+    from lora_diffusion.plots import pyplot, save_figure
+
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    for i, method in enumerate(sorted({m for m, _ in groups})):
+        pts = [(n, 100 * statistics.fmean(v)) for (m, n), rs in groups.items() if m == method
+               for v in [[values[r.info.run_id]["eval_accuracy_scoring"] for r in rs
+                          if "eval_accuracy_scoring" in values[r.info.run_id]]] if v]  # fmt: skip
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-", color=f"C{i}", label=method)
+    ax.set(xscale="log", xlabel="training examples", ylabel="scoring accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    made = [save_figure(fig, figures / "accuracy_vs_data_size.png")]
+    body = [*markdown(["method", "train examples", "n", "scoring acc. (%)", "gen. acc. (%)",
+                       "runs"], rows), "", f"Rebuild: `{command}`", "",
+            "![accuracy vs data size](figures/accuracy_vs_data_size.png)"]  # fmt: skip
+    return section(title, body), made
+
+
+def multitask_sections(client, runs, experiments, command, figures: Path) -> tuple[list, list]:
+    """Zero-shot merges (kind=compose), router composition (kind=multitask) and analysis
+    figures (kind=analysis) logged by jobs/experiments.py."""
+    import mlflow.artifacts
+
+    body, made = [], []
+    for r in (r for r in runs if r.data.tags.get("kind") == "compose"):
+        m = r.data.metrics
+        tasks = sorted({k.split(".")[0] for k in m if "." in k})
+        rows = [[t, *(cell([m], f"{t}.{k}", 100, "{:.1f}") for k in (
+            "accuracy_alone", "accuracy_composed", "accuracy_scoring_alone",
+            "accuracy_scoring_composed"))] for t in tasks]  # fmt: skip
+        body += [f"Zero-shot merge of adaptors trained apart, fixed weights ({run_ref(r)}):", "",
+                 *markdown(["task", "gen. alone (%)", "gen. merged (%)", "scoring alone (%)",
+                            "scoring merged (%)"], rows), ""]  # fmt: skip
+    for r in (r for r in runs if r.data.tags.get("kind") == "multitask"):
+        m = r.data.metrics
+        tasks = sorted({k.split(".")[1] for k in m if k.startswith("per_task.")})
+        rows = [[t, *(cell([m], f"per_task.{t}.{k}", 100, "{:.1f}") for k in (
+            "accuracy_oracle", "accuracy_router", "accuracy_scoring_router",
+            "routing_accuracy"))] for t in tasks]  # fmt: skip
+        body += [f"Router (2-layer MLP on Enc(c)) over the task adaptors ({run_ref(r)}):", "",
+                 *markdown(["task", "gen. one-hot (%)", "gen. router (%)", "scoring router (%)",
+                            "routing acc. (%)"], rows), ""]  # fmt: skip
+    for r in (r for r in runs if r.data.tags.get("kind") == "analysis"):
+        m = r.data.metrics
+        try:
+            local = mlflow.artifacts.download_artifacts(f"{r.info.artifact_uri}/figures")
+        except Exception:  # noqa: BLE001 - the numbers still print
+            local = None
+        for f in sorted(Path(local).glob("*.png")) if local else []:
+            target = figures / f.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(f.read_bytes())
+            made.append(target)
+            body += [f"![{f.stem}](figures/{f.name})", ""]
+        body += [f"Trajectory perturbations of each task's adaptor ({run_ref(r)}): "
+                 f"{cell([m], 'points', 1, '{:.0f}')} points; silhouette of the tasks "
+                 f"{cell([m], 'silhouette', 1, '{:.3f}')} in the hidden space, "
+                 f"{cell([m], 'silhouette_2d', 1, '{:.3f}')} in the t-SNE plane (-1..1; 0: "
+                 "the tasks' perturbations overlap).", ""]  # fmt: skip
+    if body:
+        body += [f"Rebuild: `{command}`"]
+    return section(
+        "Multi-task composition (and Figure 4)", body, "no compose, multitask or analysis runs"
+    ), made
 
 
 def sweep_sections(client, runs, experiments, command, figures: Path) -> tuple[list, list]:
@@ -388,7 +533,7 @@ def build_report(client, experiments: dict, runs: list, command: str, out: Path)
         f"value); (k/n): only k of the n runs logged it; {ABSENT}: not logged.", "",
     ]  # fmt: skip
     made = []
-    for make in (training_sections, sweep_sections):
+    for make in (training_sections, data_size_sections, sweep_sections, multitask_sections):
         body, figs = make(client, runs, experiments, command, out / "figures")
         lines, made = lines + body, made + figs
     out.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from jobs.tracking import (  # noqa: E402
     add_tracking_flags,
     check_reachable,
     flatten,
+    parse_tags,
     tracking_uri,
 )
 from lora_diffusion.baselines import DEFAULT_LR  # noqa: E402
@@ -338,6 +339,7 @@ def main(argv=None) -> dict:
         fail(f"base {a.base!r} not found (a saved model folder)")
     hidden = json.loads(Path(base_cfg.base, "config.json").read_text())["hidden_size"]
     validate_space(space, base_cfg, hidden)
+    parse_tags(a.tags)
     if a.search == "optuna" and any("grid" in s for s in space["params"].values()):
         fail("--search optuna samples; this space has grid params: use --search random")
     if a.no_tracking and (a.register is not None or a.alias):
@@ -524,13 +526,14 @@ def _parent_run(uri: str, a, name: str, space: dict) -> dict:
     from jobs.tracking import artifact_location
 
     experiment = a.experiment or f"lora-diffusion/{a.task}"
+    tags = {**parse_tags(a.tags), "sweep": name, "kind": "sweep"}
     try:
         mlflow.set_tracking_uri(uri)
         if mlflow.get_experiment_by_name(experiment) is None:
             mlflow.create_experiment(experiment, artifact_location(uri, experiment))
         exp = mlflow.get_experiment_by_name(experiment)
         run = mlflow.MlflowClient().create_run(
-            exp.experiment_id, run_name=f"sweep-{name}", tags={"sweep": name, "kind": "sweep"}
+            exp.experiment_id, run_name=f"sweep-{name}", tags=tags
         )
         from mlflow.entities import Param
 

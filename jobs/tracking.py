@@ -41,6 +41,19 @@ def add_tracking_flags(
     g.add_argument(register_flag, dest="register", nargs="?", const="", default=None,
                    metavar="NAME", help=register_help)  # fmt: skip
     g.add_argument("--alias", default=None, help="with --register: set this alias on the version")
+    g.add_argument("--tag", dest="tags", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra run tag, repeatable (e.g. study=data_size)")  # fmt: skip
+
+
+def parse_tags(items: list[str]) -> dict[str, str]:
+    """--tag KEY=VALUE items as a dict; exits 2 naming a malformed one."""
+    tags = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            fail(f"--tag needs KEY=VALUE, got {item!r}")
+        tags[key.strip()] = value
+    return tags
 
 
 def tracking_uri(flag: str | None) -> str:
@@ -123,9 +136,14 @@ class Tracker:
             fail("--register/--alias need tracking; drop --no-tracking")
         if a.alias and a.register is None:
             fail("--alias needs --register")
+        tags = parse_tags(getattr(a, "tags", []))
         t = cls(enabled=not a.no_tracking, rank=rank)
         if t.active:
             t.start(tracking_uri(a.tracking_uri), a.experiment or experiment, run_name)
+            if tags:
+                import mlflow
+
+                t._guard("tags", mlflow.set_tags, tags)
         return t
 
     def start(self, uri: str, experiment: str, run_name: str) -> None:

@@ -17,9 +17,18 @@ sigma 1.0; middle: r 32, sigma 0.5; late t <= T/3: r 8, sigma 0.25 by default).
   W_A,cond Enc(c) := W_A diag(W_g Enc(c)), i.e. A_i(c) = W_A diag(1 + W_g Enc(c)): one
   (r x d) matrix W_g per module instead of a (d r x d) tensor, keeping the adaptor < 1% of
   the base. W_A starts at zero, so the adapted model equals the base at step 0.
+- Enc(c) pools the condition with a learned attention query (`condition_pool="attention"`,
+  default; q starts at zero, i.e. at the plain mean, `"mean"`): a mean over a sentence
+  dilutes its few telling words, an attention over the frozen states weights them.
+- Enc(c) then passes through a parameter-free layer norm first (`condition_norm="layer"`): pooled
+  states share one large common direction and vary little around it (pooled input embeddings
+  of SST-2 sentences: norm 0.55, per-coordinate spread 0.005), so a gate reading them raw
+  learns at the optimizer's pace on a signal ~100x below its inputs' scale and stays at
+  chance; normalised, the same gate reads the sentence (`benchmarks/probe_condition.py`).
 
-Parameters of one module of rank r: B: (d + d_t) r + r;  W_A: d r;  W_g: r d + r.
-Total = sum over phases of k * r * (3 d + d_t + 2)  (see `count_adaptor_parameters`).
+Parameters of one module of rank r: B: (d + d_t) r + r;  W_A: d r;  W_g: r d + r; plus one
+query q (d) per adaptor for the attention pooling of Enc(c).
+Total = sum over phases of k * r * (3 d + d_t + 2) + d  (see `count_adaptor_parameters`).
 
 Regularisers (returned separately, weighted in the loss by lambda_rank and lambda_orth):
     rank = sum_i ||W_A_i||_* + ||W_B_i||_*        (nuclear norms)
@@ -32,11 +41,15 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .models.dit import timestep_embedding
 
 #: Representations of x_t and of the condition c an adaptor can read from the frozen base.
 CONDITION_REPRS = ("hidden", "embedding")
+#: How Enc(c) pools the condition's states, and how it is normalised before the gate reads it.
+CONDITION_POOLS = ("attention", "mean")
+CONDITION_NORMS = ("layer", "none")
 
 
 @dataclass
@@ -55,6 +68,13 @@ class AdaptorConfig:
     input_repr: str = field(default="hidden", metadata={"help": "x_t fed to B: hidden | embedding"})
     condition_repr: str = field(
         default="hidden", metadata={"help": "Enc(c): pooled base hidden | embedding of c"}
+    )
+    condition_pool: str = field(
+        default="attention",
+        metadata={"help": "Enc(c) pooling over the condition: attention (learned query) | mean"},
+    )
+    condition_norm: str = field(
+        default="layer", metadata={"help": "Enc(c) normalised before the gate: layer | none"}
     )
     time_embed_dim: int = field(default=32, metadata={"help": "sinusoidal Emb(t) size"})
     conditional: bool = field(default=True, metadata={"help": "A_i(c) depends on Enc(c)"})
@@ -82,6 +102,14 @@ class AdaptorConfig:
                 raise ValueError(
                     f"adaptor.{name} must be hidden or embedding: {getattr(self, name)!r}"
                 )
+        if self.condition_pool not in CONDITION_POOLS:
+            raise ValueError(
+                f"adaptor.condition_pool must be attention or mean: {self.condition_pool!r}"
+            )
+        if self.condition_norm not in CONDITION_NORMS:
+            raise ValueError(
+                f"adaptor.condition_norm must be layer or none: {self.condition_norm!r}"
+            )
 
     @classmethod
     def uniform(cls, rank: int, phases: int = 3, **kw) -> AdaptorConfig:
@@ -99,7 +127,8 @@ def count_adaptor_parameters(cfg: AdaptorConfig, d: int) -> int:
     """Exact trainable parameter count of a `TrajectoryAdaptor(cfg, d)`."""
     gate = lambda r: r * d + r if cfg.conditional else 0
     per = lambda r: (d + cfg.time_embed_dim) * r + r + d * r + gate(r)
-    return sum(cfg.k * per(r) for r in cfg.ranks)
+    query = d if cfg.conditional and cfg.condition_pool == "attention" else 0
+    return sum(cfg.k * per(r) for r in cfg.ranks) + query
 
 
 class LowRankModule(nn.Module):
@@ -141,10 +170,30 @@ class TrajectoryAdaptor(nn.Module):
             )
             for r in cfg.ranks
         )
+        attention = cfg.conditional and cfg.condition_pool == "attention"
+        # q: zero, so Enc(c) starts as the plain mean over the condition
+        self.query = nn.Parameter(torch.zeros(d)) if attention else None
+
+    def encode(self, states: torch.Tensor, condition_mask: torch.Tensor | None) -> torch.Tensor:
+        """Enc(c) (B, d) from the condition's states (B, L, d) (final hidden states or input
+        embeddings, per `condition_repr`): their mean, or with `condition_pool="attention"`
+        sum_i a_i s_i with a = softmax_i(LN(s_i) . q / sqrt(d)) over the condition positions
+        (q learned, zero at init). Zeros for an example without a condition."""
+        if self.query is None or condition_mask is None:
+            return pool_condition(states, condition_mask)
+        cond = condition_mask.bool()
+        scores = F.layer_norm(states, states.shape[-1:]) @ self.query.to(states.dtype)
+        scores = scores / states.shape[-1] ** 0.5
+        # a finite fill keeps a condition-less row's softmax (and its gradient) finite
+        weights = scores.masked_fill(~cond, torch.finfo(scores.dtype).min).softmax(-1)
+        weights = weights * cond.any(-1, keepdim=True).to(weights.dtype)
+        return (weights[..., None] * states).sum(1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
         """Perturbation delta (B, L, d) for representations x (B, L, d) at times t (B,)."""
         temb = timestep_embedding(t, self.cfg.time_embed_dim).to(x.dtype)  # (B, d_t)
+        if self.cfg.condition_norm == "layer":
+            enc = F.layer_norm(enc, enc.shape[-1:])  # no condition: 0 stays 0
         phase = self.cfg.phase_of(t)
         delta = torch.zeros_like(x)
         for p, modules in enumerate(self.phases):

@@ -118,6 +118,8 @@ def load_adaptor(
         unknown = set(raw) - known
         if unknown:
             raise AdaptorFileError(f"{file}: unknown adaptor settings {sorted(unknown)}")
+        raw.setdefault("condition_norm", "none")  # files written before these existed
+        raw.setdefault("condition_pool", "mean")
         cfg = AdaptorConfig(**raw)
         d = int(config["hidden_size"])
     except KeyError as e:

@@ -41,6 +41,9 @@ class Router(nn.Module):
         return self.net(enc).softmax(-1)
 
 
+ADAPTOR_KEY = "adaptor:"  # condition_encodings' key prefix of an adaptor's own Enc(c)
+
+
 class AdaptedDenoiser(nn.Module):
     """Frozen `base` + named task adaptors (+ optional router); itself a denoiser.
 
@@ -138,15 +141,19 @@ class AdaptedDenoiser(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Enc(c) (B, d) in each representation an adaptor or the router reads: the mean over
         condition positions of the base's final hidden states h (B, L, d) ("hidden") and/or of
-        its input embeddings ("embedding")."""
+        its input embeddings ("embedding"); and, keyed "adaptor:<task>", the attention-pooled
+        Enc(c) of each adaptor that learns its own pooling."""
         needed = {a.cfg.condition_repr for a in self.adaptors.values()}
         if self.router is not None:
             needed.add(self.router.condition_repr)
-        encs = {"hidden": pool_condition(h, condition_mask)}
+        states = {"hidden": h}
         if "embedding" in needed:
             with torch.no_grad():
-                emb = self.base.input_embeddings(input_ids)
-            encs["embedding"] = pool_condition(emb, condition_mask)
+                states["embedding"] = self.base.input_embeddings(input_ids)
+        encs = {repr_: pool_condition(x, condition_mask) for repr_, x in states.items()}
+        for name, a in self.adaptors.items():
+            if a.query is not None:  # attention pooling: one Enc(c) per adaptor
+                encs[ADAPTOR_KEY + name] = a.encode(states[a.cfg.condition_repr], condition_mask)
         return encs
 
     def task_weight_matrix(self, encs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -188,12 +195,13 @@ class AdaptedDenoiser(nn.Module):
         only at the positions that give it weight, so a batch mixing one-task requests of
         several tasks costs what one task's batch does."""
         delta = torch.zeros_like(x_repr["hidden"])
-        for j, adaptor in enumerate(self.adaptors.values()):
+        for j, (name, adaptor) in enumerate(self.adaptors.items()):
             active = w[:, j] != 0
             if not active.any():
                 continue
             x = x_repr[adaptor.cfg.input_repr][:, None]  # (N, 1, d): a position is an example
-            enc = encs[adaptor.cfg.condition_repr]
+            enc = encs.get(ADAPTOR_KEY + name)
+            enc = encs[adaptor.cfg.condition_repr] if enc is None else enc
             if active.all():
                 delta = delta + w[:, j, None] * adaptor(x, t, enc)[:, 0]
             else:

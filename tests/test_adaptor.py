@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lora_diffusion.adaptor import (
     AdaptorConfig,
@@ -73,7 +74,8 @@ def test_perturbation_matches_the_formula(tiny_model):
         z = torch.cat([h[b], temb[b].expand(x.shape[1], -1)], -1)  # (L, d + d_t)
         total = 0
         for m in adaptor.phases[p]:
-            a_c = m.up * (1 + m.gate(enc[b]))  # A(c) = W_A diag(1 + W_g Enc(c))
+            e = F.layer_norm(enc[b], (D,))  # condition_norm="layer"
+            a_c = m.up * (1 + m.gate(e))  # A(c) = W_A diag(1 + W_g Enc(c))
             total = total + torch.relu(m.down(z)) @ a_c.T
         expected.append(cfg.sigmas[p] * total)
     got = adaptor(h, t, enc)
@@ -91,7 +93,7 @@ def test_up_projection_is_conditioned_on_the_instruction(tiny_model):
 
 
 def test_embedding_input_reads_the_base_input_embeddings(tiny_model):
-    cfg = AdaptorConfig(input_repr="embedding")
+    cfg = AdaptorConfig(input_repr="embedding", condition_pool="mean")
     adaptor = randomise(TrajectoryAdaptor(cfg, D))
     model = AdaptedDenoiser(tiny_model, adaptor)
     x, cond = inputs()
@@ -104,7 +106,7 @@ def test_embedding_input_reads_the_base_input_embeddings(tiny_model):
 
 
 def test_embedding_condition_reads_the_pooled_input_embeddings_of_c(tiny_model):
-    cfg = AdaptorConfig(condition_repr="embedding")
+    cfg = AdaptorConfig(condition_repr="embedding", condition_pool="mean")
     adaptor = randomise(TrajectoryAdaptor(cfg, D))
     model = AdaptedDenoiser(tiny_model, adaptor)
     x, cond = inputs()
@@ -114,10 +116,58 @@ def test_embedding_condition_reads_the_pooled_input_embeddings_of_c(tiny_model):
     torch.testing.assert_close(model.hidden_states(x, None, T4, cond)[~cond], expected[~cond])
 
 
+@pytest.mark.parametrize("repr_", ["hidden", "embedding"])
+def test_attention_pooling_starts_at_the_mean_and_learns_where_to_look(tiny_model, repr_):
+    cfg = AdaptorConfig(condition_repr=repr_)
+    adaptor = TrajectoryAdaptor(cfg, D)
+    model = AdaptedDenoiser(tiny_model, {"sst2": adaptor})
+    x, cond = inputs()
+    h = tiny_model.hidden_states(x)
+    states = h if repr_ == "hidden" else tiny_model.input_embeddings(x)
+    enc = model.condition_encodings(x, h, cond)["adaptor:sst2"]
+    torch.testing.assert_close(enc, pool_condition(states, cond))  # q = 0: the mean
+    with torch.no_grad():
+        adaptor.query.normal_(generator=torch.Generator().manual_seed(3))
+    enc = adaptor.encode(states, cond)
+    assert not torch.allclose(enc, pool_condition(states, cond))
+    # a convex combination of the condition's states only: the target positions do not count
+    moved = states.clone()
+    moved[~cond] += 100.0
+    torch.testing.assert_close(adaptor.encode(moved, cond), enc)
+    # the adapted model reads this Enc(c)
+    randomise(adaptor)
+    enc = adaptor.encode(states, cond)
+    expected = h + adaptor(h, T4, enc)
+    torch.testing.assert_close(model.hidden_states(x, None, T4, cond)[~cond], expected[~cond])
+
+
+def test_attention_pooling_without_a_condition_is_zero_with_finite_gradients(tiny_model):
+    adaptor = randomise(TrajectoryAdaptor(AdaptorConfig(), D))
+    x, cond = inputs()
+    cond[1:] = False  # examples 1..3 are plain text (e.g. the forgetting corpus)
+    states = tiny_model.hidden_states(x)
+    enc = adaptor.encode(states, cond)
+    assert torch.equal(enc[1:], torch.zeros_like(enc[1:])) and enc[0].abs().sum() > 0
+    adaptor(states, T4, enc).pow(2).sum().backward()
+    assert torch.isfinite(adaptor.query.grad).all() and adaptor.query.grad.abs().sum() > 0
+
+
+def test_condition_norm_makes_the_gate_blind_to_the_scale_of_enc(tiny_model):
+    h = tiny_model.hidden_states(inputs()[0])
+    enc = torch.randn(4, D)
+    normed = randomise(TrajectoryAdaptor(AdaptorConfig(), D))
+    torch.testing.assert_close(
+        normed(h, T4, enc), normed(h, T4, 3.0 * enc + 5.0), atol=1e-4, rtol=1e-4
+    )
+    raw = randomise(TrajectoryAdaptor(AdaptorConfig(condition_norm="none"), D))
+    assert not torch.allclose(raw(h, T4, enc), raw(h, T4, 3.0 * enc + 5.0), atol=1e-3)
+
+
 @pytest.mark.parametrize(
     "cfg",
     [
         AdaptorConfig(),
+        AdaptorConfig(condition_pool="mean"),
         AdaptorConfig(k=4, conditional=False),
         AdaptorConfig.uniform(16),
         AdaptorConfig(ranks=(8, 8, 8, 8, 8), sigmas=(1,) * 5, boundaries=(0.8, 0.6, 0.4, 0.2)),
@@ -158,6 +208,10 @@ def test_bad_configs_are_named():
         AdaptorConfig(boundaries=(1 / 3, 2 / 3))
     with pytest.raises(ValueError, match="input_repr"):
         AdaptorConfig(input_repr="logits")
+    with pytest.raises(ValueError, match="condition_pool"):
+        AdaptorConfig(condition_pool="max")
+    with pytest.raises(ValueError, match="condition_norm"):
+        AdaptorConfig(condition_norm="batch")
 
 
 def test_training_never_touches_the_base(tiny_model):

@@ -58,7 +58,8 @@ def test_round_trip_gives_identical_outputs(tmp_path, tiny_model):
 def test_weights_are_stored_with_a_namespaced_prefix_and_no_pickle(tmp_path, tiny_model):
     save_adaptor(tmp_path, trained_like(), tiny_model)
     names = list(load_file(str(tmp_path / WEIGHTS_NAME)))
-    assert names and all(n.startswith("lora_diffusion.phases.") for n in names)
+    assert names and all(n.startswith("lora_diffusion.") for n in names)
+    assert "lora_diffusion.query" in names and any(".phases.0.0.up" in n for n in names)
     assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".safetensors"}
 
 
@@ -222,3 +223,18 @@ def test_composition_with_router_saves_and_loads_in_router_order(tmp_path, tiny_
     shutil.rmtree(tmp_path / "sst2")
     with pytest.raises(AdaptorFileError, match="router routes to \\['sst2'\\]"):
         AdaptedDenoiser.from_pretrained(tiny_model, tmp_path)
+
+
+def test_files_from_before_the_condition_options_load_as_they_were_trained(tmp_path, tiny_model):
+    cfg = AdaptorConfig(ranks=(8, 4), sigmas=(1.0, 0.5), boundaries=(0.5,),
+                        condition_pool="mean", condition_norm="none")  # fmt: skip
+    adaptor = trained_like(cfg)
+    save_adaptor(tmp_path, adaptor, tiny_model)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    for key in ("condition_pool", "condition_norm"):  # an older file has neither key
+        del config["adaptor"][key]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    loaded, _ = load_adaptor(tmp_path, tiny_model)
+    assert (loaded.cfg.condition_pool, loaded.cfg.condition_norm) == ("mean", "none")
+    h, enc, t = torch.randn(2, 5, D), torch.randn(2, D), torch.tensor([0.9, 0.2])
+    torch.testing.assert_close(loaded(h, t, enc), adaptor(h, t, enc))

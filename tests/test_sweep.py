@@ -46,20 +46,29 @@ def sweep(base, data_dir, *extra, check=True):
                    check=check)  # fmt: skip
 
 
-def test_bad_spaces_fail_before_any_trial_naming_the_key(base, data_dir, tmp_path):
+def test_bad_spaces_fail_before_any_trial_naming_the_key(base, data_dir, tmp_path, capsys):
+    # the job: exit 2, the key named, no trial started
+    path = space(tmp_path, "params:\n  adaptor.bogus:\n    grid: [1, 2]\n")
+    proc = sweep(base, data_dir, "--space", path, "--output-dir", str(tmp_path / "o"),
+                 "--no-tracking", check=False)  # fmt: skip
+    assert proc.returncode == 2 and "adaptor.bogus" in proc.stderr, proc.stderr[-1500:]
+    assert not (tmp_path / "o" / "tune").exists()  # no trial ever started
+    # every other kind of mistake, through the same check the job runs before any trial
+    sys.path.insert(0, str(REPO))
+    from jobs.sweep import load_space, validate_space
+    from lora_diffusion.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(base=base, output_dir=str(tmp_path))
     cases = {
-        "adaptor.bogus:\n    grid: [1, 2]": "adaptor.bogus",
         "adaptor.k:\n    choice: []": "adaptor.k",
         "adaptor.ranks:\n    grid: [[8, 8, 8], [512, 8, 8]]": "rank 512",
         "train.lr:\n    loguniform: [0, 1]": "train.lr",
         "adaptor.k:\n    gird: [1, 2]": "adaptor.k",
     }
     for body, named in cases.items():
-        path = space(tmp_path, f"params:\n  {body}\n")
-        proc = sweep(base, data_dir, "--space", path, "--output-dir", str(tmp_path / "o"),
-                     "--no-tracking", check=False)  # fmt: skip
-        assert proc.returncode == 2 and named in proc.stderr, (body, proc.stderr[-1500:])
-    assert not (tmp_path / "o" / "tune").exists()  # no trial ever started
+        with pytest.raises(SystemExit) as exit_:
+            validate_space(load_space(space(tmp_path, f"params:\n  {body}\n")), cfg, 64)
+        assert exit_.value.code == 2 and named in capsys.readouterr().err, body
 
 
 def test_every_shipped_space_is_valid(base, data_dir, tmp_path):

@@ -1,0 +1,326 @@
+"""Run the paper's experiments on one base, tracked in MLflow, then rebuild the report.
+
+    python jobs/experiments.py --base runs/base-small2/model                # the full set
+    python jobs/experiments.py --base runs/base-small2/model --quick        # < 20 min, 2 cores
+
+Stages (--stages, run in this order; default: all of them):
+  methods    every method x every seed on --task: Tables 5/6/7/8/9, loss curves, Figure 1
+             (score vs trainable parameters) and Figure 2 (effective rank by phase)
+  data_size  LoRA-Diffusion and weight LoRA on growing training subsets: Figure 3
+  ablations  the rank-schedule and modules-per-phase sweeps (jobs/sweep.py): Tables 10, 11
+  tasks      one LoRA-Diffusion adaptor per --tasks; the zero-shot merge of them with fixed
+             uniform weights (jobs/compose.py); a router trained over them (jobs/multitask.py
+             --router-only); the t-SNE of their trajectory perturbations: Figure 4
+  report     jobs/report.py over --experiment: REPORT_DIR/RESULTS.md and figures/
+
+Every job runs in this process, one after another, without Ray (one machine; on a cluster
+submit the jobs themselves), and every run lands in MLflow experiment --experiment with a tag
+`study=<stage>`. A rerun skips the jobs whose output folder holds finished results, so an
+interrupted set continues where it stopped. A failed job is reported and the others go on;
+the exit status is 1 if any failed. Scales: --quick (a few methods, 1 seed, short runs) or the
+full set; any knob below overrides the scale's value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jobs.common import base_parser, emit, fail  # noqa: E402
+from jobs.tracking import check_reachable, tracking_uri  # noqa: E402
+
+STAGES = ("methods", "data_size", "ablations", "tasks", "report")
+PAPER_METHODS = ("full", "lora_diffusion", "weight_lora", "adapters", "bitfit", "prefix")
+SCALES = {
+    "full": {
+        "methods": ",".join(PAPER_METHODS),
+        "seeds": "0,1,2",
+        "max_steps": 400,
+        "eval_limit": 300,
+        "data_sizes": "250,1000,4000,16000",
+        "data_methods": "lora_diffusion,weight_lora",
+        "tasks": "sst2,trec,agnews",
+        "spaces": "table10_ranks,table11_k",
+        "tsne_per_task": 64,
+    },
+    "quick": {
+        "methods": "lora_diffusion,weight_lora,bitfit",
+        "seeds": "0",
+        "max_steps": 100,
+        "eval_limit": 100,
+        "data_sizes": "250,2000",
+        "data_methods": "lora_diffusion,weight_lora",
+        "tasks": "sst2,trec",
+        "spaces": "",
+        "tsne_per_task": 32,
+    },
+}
+
+
+def parse_args(argv=None):
+    p = base_parser(__doc__.splitlines()[0], training=False)
+    p.add_argument("--base", required=True, help="base model folder")
+    p.add_argument("--output-dir", default="runs/experiments", help="every job's folder")
+    p.add_argument("--report-dir", default="docs", help="RESULTS.md and figures/ go here")
+    p.add_argument("--experiment", default="lora-diffusion/paper", help="MLflow experiment")
+    p.add_argument("--tracking-uri", default=None,
+                   help="default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="the quick scale (< 20 min, 2 cores)")
+    p.add_argument("--stages", default=",".join(STAGES), help="comma list of " + ", ".join(STAGES))
+    p.add_argument("--task", default="sst2", help="the task of methods/data_size/ablations")
+    p.add_argument("--methods", default=None, help="methods stage: comma list")
+    p.add_argument("--seeds", default=None, help="methods stage: comma list of seeds")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps of every run")
+    p.add_argument("--eval-limit", type=int, default=None, help="eval examples of every run")
+    p.add_argument("--data-sizes", default=None, help="data_size stage: training-set sizes")
+    p.add_argument("--data-methods", default=None, help="data_size stage: methods")
+    p.add_argument("--tasks", default=None, help="tasks stage: comma list (>= 2)")
+    p.add_argument("--spaces", default=None, help="ablations stage: tune_spaces/ names")
+    p.add_argument("--tsne-per-task", type=int, default=None, help="t-SNE: examples per task")
+    p.add_argument("--train-limit", type=int, default=None, help="methods/tasks: train subset")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override passed to every training job, repeatable")  # fmt: skip
+    a = p.parse_args(argv)
+    scale = SCALES["quick" if a.quick else "full"]
+    for key, value in scale.items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    a.stages = [s for s in a.stages.split(",") if s]
+    unknown = [s for s in a.stages if s not in STAGES]
+    if unknown:
+        fail(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+    return a
+
+
+def split(text: str) -> list[str]:
+    return [x.strip() for x in str(text).split(",") if x.strip()]
+
+
+class Runner:
+    """Runs jobs in this process, prints progress, keeps what each returned or why it failed."""
+
+    def __init__(self, a) -> None:
+        self.a = a
+        self.uri = tracking_uri(a.tracking_uri)
+        self.out = Path(a.output_dir)
+        self.results: list[dict] = []
+        self.started = time.time()
+
+    def common(self, study: str) -> list[str]:
+        a = self.a
+        flags = ["--tracking-uri", self.uri, "--experiment", a.experiment, "--tag",
+                 f"study={study}", "--data-dir", a.data_dir]  # fmt: skip
+        return flags
+
+    def training(self) -> list[str]:
+        a = self.a
+        flags = ["--no-ray", "--no-progress", "--max-steps", str(a.max_steps),
+                 "--eval-limit", str(a.eval_limit), "--base-artifact", "reference",
+                 "--json"]  # fmt: skip
+        flags += ["--batch-size", str(a.batch_size)] if a.batch_size else []
+        flags += ["--threads", str(a.threads)] if a.threads else []
+        for o in a.overrides:
+            flags += ["--set", o]
+        return flags
+
+    def job(self, label: str, main, argv: list[str], done: Path | None) -> dict | None:
+        """Run `main(argv)` unless `done` exists (a finished earlier run: its JSON is kept)."""
+        n = len(self.results) + 1
+        elapsed = time.time() - self.started
+        if done is not None and done.is_file():
+            print(f"[{n}] {label}: done before, skipped ({done})", flush=True)
+            result = json.loads(done.read_text())
+            self.results.append({"job": label, "status": "skipped", "result": result})
+            return result
+        print(f"[{n}] {label} (at {elapsed / 60:.1f} min)", flush=True)
+        start = time.time()
+        try:
+            result = main(argv)
+        except SystemExit as e:  # a job's clear error: reported, the others go on
+            self.results.append({"job": label, "status": "failed", "exit": e.code})
+            print(f"[{n}] {label}: FAILED (exit {e.code})", flush=True)
+            return None
+        except Exception as e:  # noqa: BLE001 - one broken job must not cost the others
+            self.results.append({"job": label, "status": "failed", "error": repr(e)[:500]})
+            print(f"[{n}] {label}: FAILED ({e!r})", flush=True)
+            return None
+        seconds = time.time() - start
+        self.results.append({"job": label, "status": "ok", "seconds": round(seconds, 1)})
+        print(f"[{n}] {label}: {seconds:.0f} s", flush=True)
+        return result
+
+    def ran(self) -> bool:
+        """Whether the last job ran now and finished (not skipped, not failed)."""
+        return bool(self.results) and self.results[-1]["status"] == "ok"
+
+    def train(self, label: str, study: str, out: Path, *flags: str) -> dict | None:
+        from jobs import train
+
+        argv = ["--base", self.a.base, "--output-dir", str(out), *flags,
+                *self.common(study), *self.training()]  # fmt: skip
+        return self.job(label, train.main, argv, out / "metrics.json")
+
+
+def stage_methods(r: Runner) -> None:
+    a = r.a
+    for method in split(a.methods):
+        for seed in split(a.seeds):
+            out = r.out / "methods" / f"{method}-s{seed}"
+            limit = ["--train-limit", str(a.train_limit)] if a.train_limit else []
+            r.train(f"methods: {method} seed {seed}", "methods", out, "--method", method,
+                    "--task", a.task, "--seed", seed, *limit)  # fmt: skip
+
+
+def stage_data_size(r: Runner) -> None:
+    a = r.a
+    for n in split(a.data_sizes):
+        for method in split(a.data_methods):
+            out = r.out / "data_size" / f"{method}-n{n}"
+            r.train(f"data size: {method} n={n}", "data_size", out, "--method", method,
+                    "--task", a.task, "--train-limit", n)  # fmt: skip
+
+
+def stage_ablations(r: Runner) -> None:
+    from jobs import sweep
+
+    a = r.a
+    root = Path(__file__).resolve().parent.parent / "tune_spaces"
+    for space in split(a.spaces):
+        out = r.out / "ablations" / space
+        argv = ["--space", str(root / f"{space}.yaml"), "--task", a.task, "--base", a.base,
+                "--output-dir", str(out), "--max-steps", str(a.max_steps), "--eval-limit",
+                str(a.eval_limit), "--scheduler", "none", "--json",
+                *r.common("ablations")]  # fmt: skip
+        for o in a.overrides:
+            argv += ["--set", o]
+        r.job(f"ablations: {space}", sweep.main, argv, out / "trials.json")
+
+
+def stage_tasks(r: Runner) -> None:
+    from jobs import compose, multitask
+
+    a = r.a
+    tasks = split(a.tasks)
+    if len(tasks) < 2:
+        fail(f"the tasks stage needs at least two --tasks, got {tasks}")
+    dirs = {}
+    for task in tasks:
+        out = r.out / "tasks" / task
+        limit = ["--train-limit", str(a.train_limit)] if a.train_limit else []
+        if r.train(f"tasks: lora_diffusion on {task}", "tasks", out, "--method",
+                   "lora_diffusion", "--task", task, *limit) is not None:  # fmt: skip
+            dirs[task] = out / "adaptor"
+    if len(dirs) < 2:
+        print("tasks: fewer than two task adaptors trained; no composition", flush=True)
+        return
+    adaptors = [x for task, d in dirs.items() for x in ("--adaptor", f"{task}={d}")]
+    data = ["--data-dir", a.data_dir, "--eval-limit", str(a.eval_limit), "--json"]
+    out = r.out / "tasks" / "compose.json"
+    result = r.job("tasks: zero-shot merge (uniform weights)", compose.main,
+                   ["--base", a.base, *adaptors, *data, "--output", str(out)], out)  # fmt: skip
+    if r.ran():
+        log_result(r, "zero-shot merge", "compose", result, out)
+    mt_out = r.out / "tasks" / "router"
+    argv = ["--base", a.base, "--tasks", ",".join(dirs), *adaptors, "--router-only",
+            "--output-dir", str(mt_out), "--max-steps", str(a.max_steps), "--no-progress",
+            *data]  # fmt: skip
+    result = r.job("tasks: router over the task adaptors", multitask.main, argv,
+                   mt_out / "metrics.json")  # fmt: skip
+    if r.ran():
+        log_result(r, "router composition", "multitask", result, mt_out / "metrics.json")
+    fig = r.out / "tasks" / "perturbations_tsne.png"
+    done = r.out / "tasks" / "tsne.json"
+    result = r.job("tasks: t-SNE of trajectory perturbations", lambda _: tsne(r, dirs, fig),
+                   [], done)  # fmt: skip
+    if r.ran():
+        done.write_text(json.dumps(result, indent=2))
+        log_result(r, "trajectory perturbations", "analysis", result, done, [fig])
+
+
+def tsne(r: Runner, dirs: dict, fig: Path) -> dict:
+    from lora_diffusion.analysis import perturbation_map
+    from lora_diffusion.composition import AdaptedDenoiser
+    from lora_diffusion.models import load_base
+
+    base, tok = load_base(r.a.base)
+    model = AdaptedDenoiser.from_pretrained(base, dict(dirs))
+    return perturbation_map(model, tok, list(dirs), fig, per_task=r.a.tsne_per_task,
+                            data_dir=r.a.data_dir)  # fmt: skip
+
+
+def log_result(r: Runner, name: str, kind: str, result: dict, file: Path, figures=()) -> None:
+    """An MLflow run (tag kind) holding a non-training job's numbers, its JSON and figures."""
+    from mlflow import MlflowClient
+
+    from jobs.tracking import artifact_location
+
+    client = MlflowClient(r.uri)
+    exp = client.get_experiment_by_name(r.a.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        r.a.experiment, artifact_location(r.uri, r.a.experiment))  # fmt: skip
+    run = client.create_run(exp_id, run_name=name, tags={"kind": kind, "study": "tasks",
+                            "base": str(r.a.base)})  # fmt: skip
+    for key, value in flat_numbers(result).items():
+        client.log_metric(run.info.run_id, key, value)
+    client.log_artifact(run.info.run_id, str(file))
+    for f in figures:
+        client.log_artifact(run.info.run_id, str(f), "figures")
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested dict as {"a.b": x} (MLflow metric names)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_numbers(v, key + "."))
+        elif isinstance(v, int | float) and not isinstance(v, bool) and v == v:
+            out[key] = float(v)
+    return out
+
+
+def stage_report(r: Runner) -> None:
+    from jobs import report
+
+    argv = ["--experiment", r.a.experiment, "--tracking-uri", r.uri, "--output-dir",
+            r.a.report_dir, "--json"]  # fmt: skip
+    r.job("report", report.main, argv, None)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    if not Path(a.base, "config.json").is_file():
+        fail(f"base {a.base!r} not found (a saved model folder with config.json)")
+    uri = tracking_uri(a.tracking_uri)
+    check_reachable(uri)
+    r = Runner(a)
+    print(f"experiments: stages {', '.join(a.stages)} on {a.base}; MLflow {uri} "
+          f"experiment {a.experiment}", flush=True)  # fmt: skip
+    stages = {"methods": stage_methods, "data_size": stage_data_size,
+              "ablations": stage_ablations, "tasks": stage_tasks,
+              "report": stage_report}  # fmt: skip
+    for stage in a.stages:
+        stages[stage](r)
+    failed = [x for x in r.results if x["status"] == "failed"]
+    result = {"jobs": r.results, "failed": len(failed),
+              "minutes": round((time.time() - r.started) / 60, 1)}  # fmt: skip
+    r.out.mkdir(parents=True, exist_ok=True)
+    (r.out / "experiments.json").write_text(json.dumps(result, indent=2, default=str))
+    emit(result, a.json)
+    if failed:
+        print(f"{len(failed)} job(s) failed: " + ", ".join(x["job"] for x in failed),
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""`jobs/experiments.py`: the experiment set at a tiny scale, end to end into MLflow and the
+report; a rerun skips what is done; bad stages are refused."""
+
+import json
+import sys
+
+import pytest
+
+from tests.test_jobs import REPO
+
+mlflow = pytest.importorskip("mlflow")
+sys.path.insert(0, str(REPO))
+
+TINY = ["--quick", "--methods", "lora_diffusion,bitfit", "--seeds", "0,1", "--max-steps", "3",
+        "--eval-limit", "4", "--data-sizes", "16,32", "--data-methods", "lora_diffusion",
+        "--tasks", "sst2,trec", "--tsne-per-task", "6", "--batch-size", "4", "--threads", "1",
+        "--set", "max_length=48", "--set", "forgetting_blocks=0", "--set", "scoring_num_t=1",
+        "--set", "train.warmup_steps=1", "--set", "eval_steps=4"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def done(tiny_tokenizer, data_dir, tmp_path_factory):
+    import torch
+
+    from jobs import experiments
+    from lora_diffusion.models import DiffusionLM, preset_config
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer
+    base = tmp_path_factory.mktemp("base")
+    DiffusionLM(preset_config("tiny", vocab_size=len(tok), mask_token_id=tok.mask_token_id)
+                ).save_pretrained(base)  # fmt: skip
+    tok.save_pretrained(base)
+    root = tmp_path_factory.mktemp("experiments")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    argv = [*TINY, "--base", str(base), "--output-dir", str(root / "runs"), "--report-dir",
+            str(root / "docs"), "--tracking-uri", uri, "--data-dir", str(data_dir),
+            "--stages", "methods,data_size,tasks,report", "--json"]  # fmt: skip
+    result = experiments.main(argv)
+    return {"argv": argv, "root": root, "uri": uri, "result": result}
+
+
+def test_every_stage_lands_in_mlflow_and_in_the_report(done):
+    result, root = done["result"], done["root"]
+    assert result["failed"] == 0, result["jobs"]
+    labels = [j["job"] for j in result["jobs"]]
+    # 2 methods x 2 seeds, 2 sizes x 1 method, 2 tasks + merge + router + t-SNE, report
+    assert len(labels) == 4 + 2 + 5 + 1 and labels[-1] == "report", labels
+    runs = mlflow.MlflowClient(done["uri"]).search_runs(
+        [mlflow.MlflowClient(done["uri"]).get_experiment_by_name("lora-diffusion/paper")
+         .experiment_id], max_results=200)  # fmt: skip
+    studies = sorted(r.data.tags.get("study", r.data.tags.get("kind")) for r in runs)
+    assert studies.count("methods") == 4 and studies.count("data_size") == 2
+    assert {r.data.tags.get("kind") for r in runs} >= {"compose", "multitask", "analysis", "report"}
+
+    text = (root / "docs" / "RESULTS.md").read_text()
+    methods = text.split("## Method comparison")[1].split("## ")[0]
+    assert "| sst2 | lora_diffusion | 2 | 0, 1 |" in methods and "| sst2 | bitfit | 2 |" in methods
+    assert "trec" not in methods  # the tasks stage's runs stay out of the method tables
+    sizes = text.split("## Accuracy against training-set size")[1].split("## ")[0]
+    assert "| lora_diffusion | 16 | 1 |" in sizes and "| lora_diffusion | 32 | 1 |" in sizes
+    ranks = text.split("## Effective rank by phase")[1].split("## ")[0]
+    assert "| sst2 | 0 | 64 | 1 | 4 |" in ranks  # 2 modules x 2 runs in the earliest phase
+    multi = text.split("## Multi-task composition")[1]
+    assert "Zero-shot merge" in multi and "| trec |" in multi and "silhouette" in multi
+    for fig in ("loss_curves", "effective_rank_by_phase", "accuracy_vs_data_size",
+                "perturbations_tsne"):  # fmt: skip
+        assert (root / "docs" / "figures" / f"{fig}.png").stat().st_size > 1000, fig
+    tsne = json.loads((root / "runs" / "tasks" / "tsne.json").read_text())
+    assert tsne["points"] == 2 * 6 * 3 and -1 <= tsne["silhouette"] <= 1  # 2 tasks, 6 ex., 3 t
+
+
+def test_a_rerun_skips_finished_jobs_and_logs_nothing_new(done):
+    from jobs import experiments
+
+    client = mlflow.MlflowClient(done["uri"])
+    exp = client.get_experiment_by_name("lora-diffusion/paper").experiment_id
+    before = len(client.search_runs([exp], max_results=500))
+    argv = [a if a != "methods,data_size,tasks,report" else "methods,data_size,tasks"
+            for a in done["argv"]]  # fmt: skip
+    again = experiments.main(argv)
+    assert [j["status"] for j in again["jobs"]] == ["skipped"] * 11
+    assert len(client.search_runs([exp], max_results=500)) == before
+
+
+def test_unknown_stage_is_refused(capsys):
+    from jobs import experiments
+
+    with pytest.raises(SystemExit) as e:
+        experiments.parse_args(["--base", "x", "--stages", "methods,tables"])
+    assert e.value.code == 2 and "tables" in capsys.readouterr().err
