@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from lora_diffusion.config import apply_overrides  # noqa: E402
 from lora_diffusion.data import collate, encode_prompt  # noqa: E402
 from lora_diffusion.finetune import FinetuneConfig, finetune  # noqa: E402
 from lora_diffusion.models import load_base  # noqa: E402
@@ -69,6 +70,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. adaptor.condition_norm=none")  # fmt: skip
     a = p.parse_args(argv)
     base, tok = load_base(a.base)
     sensitivity(base, tok)
@@ -85,6 +88,7 @@ def main(argv=None) -> dict:
         eval_limit=200, forgetting_blocks=0, threads=a.threads,
         train=TrainConfig(lr=a.lr, max_steps=a.max_steps, batch_size=32, warmup_steps=30),
     )  # fmt: skip
+    cfg = apply_overrides(cfg, a.overrides)
     r = finetune(cfg, progress=False)
     keys = ("train_nll", "eval_accuracy", "eval_valid_rate", "eval_accuracy_scoring")
     print(a.method, {k: round(r[k], 4) for k in keys})

@@ -102,6 +102,11 @@ class AdaptedDenoiser(nn.Module):
         self.base.eval()  # frozen: no dropout, whatever the adaptor's mode
         return self
 
+    @property
+    def fixed_weights(self) -> torch.Tensor | None:
+        """The weights set by the enclosing `task_weights` block (None: router/default)."""
+        return self._weights
+
     @contextmanager
     def task_weights(self, weights: torch.Tensor | None) -> Iterator[None]:
         """Use fixed per-example weights (B, n_tasks) inside the block (None: router/default)."""

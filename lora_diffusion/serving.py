@@ -70,7 +70,7 @@ class _RowWeights:
         self._rows: torch.Tensor | None = None  # which examples the next call holds
 
     def hidden_states(self, x, *args, **kwargs):
-        weights = self.model._weights
+        weights = self.model.fixed_weights
         rows = torch.arange(x.shape[0] // self.repeat) if self._rows is None else self._rows
         if weights is not None and weights.dim() == 2 and weights.shape[0] != x.shape[0]:
             with self.model.task_weights(weights[rows.repeat_interleave(self.repeat)]):
