@@ -141,6 +141,9 @@ class Runner:
             return result
         print(f"[{n}] {label} (at {elapsed / 60:.1f} min)", flush=True)
         start = time.time()
+        import mlflow
+
+        previous_uri = mlflow.get_tracking_uri()  # jobs set it process-wide; put it back after
         try:
             result = main(argv)
         except SystemExit as e:  # a job's clear error: reported, the others go on
@@ -151,6 +154,8 @@ class Runner:
             self.results.append({"job": label, "status": "failed", "error": repr(e)[:500]})
             print(f"[{n}] {label}: FAILED ({e!r})", flush=True)
             return None
+        finally:
+            mlflow.set_tracking_uri(previous_uri)
         seconds = time.time() - start
         self.results.append({"job": label, "status": "ok", "seconds": round(seconds, 1)})
         print(f"[{n}] {label}: {seconds:.0f} s", flush=True)

@@ -19,7 +19,7 @@ TINY = ["--quick", "--methods", "lora_diffusion,bitfit", "--seeds", "0,1", "--ma
 
 
 @pytest.fixture(scope="module")
-def done(tiny_tokenizer, data_dir, tmp_path_factory):
+def done(tiny_tokenizer, data_dir, tmp_path_factory, tracking_store):
     import torch
 
     from jobs import experiments
@@ -32,7 +32,7 @@ def done(tiny_tokenizer, data_dir, tmp_path_factory):
                 ).save_pretrained(base)  # fmt: skip
     tok.save_pretrained(base)
     root = tmp_path_factory.mktemp("experiments")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = tracking_store  # the session's store: in-process jobs must not move other tests' URI
     argv = [*TINY, "--base", str(base), "--output-dir", str(root / "runs"), "--report-dir",
             str(root / "docs"), "--tracking-uri", uri, "--data-dir", str(data_dir),
             "--stages", "methods,data_size,tasks,report", "--json"]  # fmt: skip

@@ -39,6 +39,7 @@ def register_adaptor(store: str, base_dir: Path, base, task: str, seed: int, out
 
     save_adaptor(out, random_adaptor(seed), base, task=task)
     mlflow.set_tracking_uri(store)
+    mlflow.set_experiment("serve-app-test")  # this store's, whatever ran in-process before
     with mlflow.start_run(run_name=f"{task}-{seed}") as run:
         mlflow.log_metric("eval_accuracy", 0.5)
     cfg = SimpleNamespace(task=task, method="lora_diffusion", base=str(base_dir))
