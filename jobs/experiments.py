@@ -1,7 +1,7 @@
 """Run the paper's experiments on one base, tracked in MLflow, then rebuild the report.
 
     python jobs/experiments.py --base runs/base-small2/model                # the full set
-    python jobs/experiments.py --base runs/base-small2/model --quick        # < 20 min, 2 cores
+    python jobs/experiments.py --base runs/base-small2/model --quick        # sized for ~20 min
 
 Stages (--stages, run in this order; default: all of them):
   methods    every method x every seed on --task: Tables 5/6/7/8/9, loss curves, Figure 1
@@ -70,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--experiment", default="lora-diffusion/paper", help="MLflow experiment")
     p.add_argument("--tracking-uri", default=None,
                    help="default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="the quick scale (< 20 min, 2 cores)")
+    p.add_argument("--quick", action="store_true", help="the quick scale (~20 min)")
     p.add_argument("--stages", default=",".join(STAGES), help="comma list of " + ", ".join(STAGES))
     p.add_argument("--task", default="sst2", help="the task of methods/data_size/ablations")
     p.add_argument("--methods", default=None, help="methods stage: comma list")
