@@ -470,24 +470,25 @@ def multitask_sections(client, runs, experiments, command, figures: Path) -> tup
     import mlflow.artifacts
 
     body, made = [], []
-    for r in (r for r in runs if r.data.tags.get("kind") == "compose"):
-        m = r.data.metrics
-        tasks = sorted({k.split(".")[0] for k in m if "." in k})
-        rows = [[t, *(cell([m], f"{t}.{k}", 100, "{:.1f}") for k in (
-            "accuracy_alone", "accuracy_composed", "accuracy_scoring_alone",
-            "accuracy_scoring_composed"))] for t in tasks]  # fmt: skip
-        body += [f"Zero-shot merge of adaptors trained apart, fixed weights ({run_ref(r)}):", "",
-                 *markdown(["task", "gen. alone (%)", "gen. merged (%)", "scoring alone (%)",
-                            "scoring merged (%)"], rows), ""]  # fmt: skip
-    for r in (r for r in runs if r.data.tags.get("kind") == "multitask"):
-        m = r.data.metrics
-        tasks = sorted({k.split(".")[1] for k in m if k.startswith("per_task.")})
-        rows = [[t, *(cell([m], f"per_task.{t}.{k}", 100, "{:.1f}") for k in (
-            "accuracy_oracle", "accuracy_router", "accuracy_scoring_router",
-            "routing_accuracy"))] for t in tasks]  # fmt: skip
-        body += [f"Router (2-layer MLP on Enc(c)) over the task adaptors ({run_ref(r)}):", "",
-                 *markdown(["task", "gen. one-hot (%)", "gen. router (%)", "scoring router (%)",
-                            "routing acc. (%)"], rows), ""]  # fmt: skip
+    tables = (  # kind, metric key of task t and column k, columns, title
+        ("compose", "{t}.{k}", ("accuracy_alone", "accuracy_composed", "accuracy_scoring_alone",
+         "accuracy_scoring_composed"), ("gen. alone (%)", "gen. merged (%)",
+         "scoring alone (%)", "scoring merged (%)"),
+         "Zero-shot merge of adaptors trained apart, fixed weights"),
+        ("multitask", "per_task.{t}.{k}", ("accuracy_oracle", "accuracy_router",
+         "accuracy_scoring_router", "routing_accuracy"), ("gen. one-hot (%)", "gen. router (%)",
+         "scoring router (%)", "routing acc. (%)"),
+         "Router (2-layer MLP on Enc(c)) over the task adaptors"),
+    )  # fmt: skip
+    for kind, key, columns, headers, title in tables:
+        for r in (r for r in runs if r.data.tags.get("kind") == kind):
+            m = r.data.metrics
+            prefix = key.split("{t}")[0]
+            tasks = sorted({k[len(prefix):].split(".")[0] for k in m
+                            if k.startswith(prefix) and "." in k[len(prefix):]})  # fmt: skip
+            rows = [[t, *(cell([m], key.format(t=t, k=k), 100, "{:.1f}") for k in columns)]
+                    for t in tasks]  # fmt: skip
+            body += [f"{title} ({run_ref(r)}):", "", *markdown(["task", *headers], rows), ""]
     for r in (r for r in runs if r.data.tags.get("kind") == "analysis"):
         m = r.data.metrics
         try:

@@ -45,7 +45,6 @@ def trajectory_perturbations(
     if missing:
         raise ValueError(f"no adaptor for {missing} among {names}")
     model.eval()
-    base = model.base
     vectors, labels, ts = [], [], []
     for task in tasks:
         rows = list(
@@ -58,7 +57,8 @@ def trajectory_perturbations(
             target = b["target_mask"].bool()
             ids = b["input_ids"].masked_fill(target, tokenizer.mask_token_id)
             cond = b["attention_mask"].bool() & ~target
-            h = base.hidden_states(ids, b["attention_mask"])
+            # through the model's cache: the adaptor calls below reuse this base output
+            h = model.base_hidden(ids, b["attention_mask"], torch.full((len(ids),), times[0]))
             n_target = target.sum(1, keepdim=True).clamp_min(1)
             for t in times:
                 tt = torch.full((len(ids),), float(t))
