@@ -16,7 +16,10 @@ sigma 1.0; middle: r 32, sigma 0.5; late t <= T/3: r 8, sigma 0.25 by default).
   The conditional part is parameterised as a gate on the rank dimension,
   W_A,cond Enc(c) := W_A diag(W_g Enc(c)), i.e. A_i(c) = W_A diag(1 + W_g Enc(c)): one
   (r x d) matrix W_g per module instead of a (d r x d) tensor, keeping the adaptor < 1% of
-  the base. W_A starts at zero, so the adapted model equals the base at step 0.
+  the base. W_A starts at zero, so the adapted model equals the base at step 0; W_g starts
+  random (`gate_init="random"`, nn.Linear's init; `"zero"` as before): were both zero, the
+  c-dependent part W_A diag(W_g Enc(c)) would sit at a saddle where none of its factors gets
+  a gradient, as a weight LoRA with both factors at zero would.
 - Enc(c) pools the condition with a learned attention query (`condition_pool="attention"`,
   default; q starts at zero, i.e. at the plain mean, `"mean"`): a mean over a sentence
   dilutes its few telling words, an attention over the frozen states weights them.
@@ -50,6 +53,8 @@ CONDITION_REPRS = ("hidden", "embedding")
 #: How Enc(c) pools the condition's states, and how it is normalised before the gate reads it.
 CONDITION_POOLS = ("attention", "mean")
 CONDITION_NORMS = ("layer", "none")
+#: How the gate W_g starts: random (as nn.Linear), or zero.
+GATE_INITS = ("random", "zero")
 
 
 @dataclass
@@ -75,6 +80,9 @@ class AdaptorConfig:
     )
     condition_norm: str = field(
         default="layer", metadata={"help": "Enc(c) normalised before the gate: layer | none"}
+    )
+    gate_init: str = field(
+        default="random", metadata={"help": "W_g at init: random (nn.Linear's) | zero"}
     )
     time_embed_dim: int = field(default=32, metadata={"help": "sinusoidal Emb(t) size"})
     conditional: bool = field(default=True, metadata={"help": "A_i(c) depends on Enc(c)"})
@@ -106,6 +114,8 @@ class AdaptorConfig:
             raise ValueError(
                 f"adaptor.condition_pool must be attention or mean: {self.condition_pool!r}"
             )
+        if self.gate_init not in GATE_INITS:
+            raise ValueError(f"adaptor.gate_init must be random or zero: {self.gate_init!r}")
         if self.condition_norm not in CONDITION_NORMS:
             raise ValueError(
                 f"adaptor.condition_norm must be layer or none: {self.condition_norm!r}"
@@ -138,15 +148,18 @@ class LowRankModule(nn.Module):
         d: hidden size of the base; d_t: time embedding size; rank: r.
     """
 
-    def __init__(self, d: int, d_t: int, rank: int, conditional: bool = True) -> None:
+    def __init__(
+        self, d: int, d_t: int, rank: int, conditional: bool = True, gate_init: str = "random"
+    ) -> None:
         super().__init__()
         self.down = nn.Linear(d + d_t, rank)  # B
         self.up = nn.Parameter(torch.zeros(d, rank))  # W_A, zero: adapted == base at init
         self.gate = nn.Linear(d, rank) if conditional else None  # W_g
         nn.init.kaiming_uniform_(self.down.weight, a=5**0.5)
         if self.gate is not None:
-            nn.init.zeros_(self.gate.weight)
-            nn.init.zeros_(self.gate.bias)
+            nn.init.zeros_(self.gate.bias)  # Enc(c) = 0 (no condition): the gate is 1
+            if gate_init == "zero":
+                nn.init.zeros_(self.gate.weight)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
         """x: (B, L, d); temb: (B, d_t); enc: (B, d). Returns (B, L, d)."""
@@ -166,7 +179,8 @@ class TrajectoryAdaptor(nn.Module):
         self.cfg, self.d = cfg, d
         self.phases = nn.ModuleList(
             nn.ModuleList(
-                LowRankModule(d, cfg.time_embed_dim, r, cfg.conditional) for _ in range(cfg.k)
+                LowRankModule(d, cfg.time_embed_dim, r, cfg.conditional, cfg.gate_init)
+                for _ in range(cfg.k)
             )
             for r in cfg.ranks
         )

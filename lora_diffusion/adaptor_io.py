@@ -120,6 +120,7 @@ def load_adaptor(
             raise AdaptorFileError(f"{file}: unknown adaptor settings {sorted(unknown)}")
         raw.setdefault("condition_norm", "none")  # files written before these existed
         raw.setdefault("condition_pool", "mean")
+        raw.setdefault("gate_init", "zero")
         cfg = AdaptorConfig(**raw)
         d = int(config["hidden_size"])
     except KeyError as e:

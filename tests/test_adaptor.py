@@ -212,6 +212,34 @@ def test_bad_configs_are_named():
         AdaptorConfig(condition_pool="max")
     with pytest.raises(ValueError, match="condition_norm"):
         AdaptorConfig(condition_norm="batch")
+    with pytest.raises(ValueError, match="gate_init"):
+        AdaptorConfig(gate_init="ones")
+
+
+def test_random_gate_breaks_the_zero_saddle_of_the_conditional_path(tiny_model):
+    """W_A diag(1 + W_g Enc(c)): with W_A and W_g both zero, the c-dependent part of the
+    up-projection (W_A diag(W_g Enc(c))) gets no gradient in any of its factors; a random W_g
+    (the default) gives W_A a gradient that depends on c from the first step, while W_A = 0
+    still keeps the adapted model equal to the base."""
+    h = tiny_model.hidden_states(inputs()[0])
+    t = torch.full((4,), 0.9)
+    enc_a, enc_b = torch.randn(4, D), torch.randn(4, D)
+
+    def up_grad(cfg, enc):
+        torch.manual_seed(0)
+        adaptor = TrajectoryAdaptor(cfg, D)
+        assert adaptor(h, t, enc).abs().max() == 0  # adapted == base at init either way
+        loss = (adaptor(h, t, enc) * h).sum()  # any loss: what matters is the path
+        (grad,) = torch.autograd.grad(loss, adaptor.up)
+        return grad, adaptor.phases[0][0].gate.weight
+
+    g_a, gate = up_grad(AdaptorConfig(), enc_a)
+    g_b, _ = up_grad(AdaptorConfig(), enc_b)
+    assert gate.abs().min() > 0 and not torch.allclose(g_a, g_b)
+    z_a, zero_gate = up_grad(AdaptorConfig(gate_init="zero"), enc_a)
+    z_b, _ = up_grad(AdaptorConfig(gate_init="zero"), enc_b)
+    assert torch.equal(zero_gate, torch.zeros_like(zero_gate))
+    torch.testing.assert_close(z_a, z_b)  # blind to c: the saddle
 
 
 def test_training_never_touches_the_base(tiny_model):

@@ -231,10 +231,11 @@ def test_files_from_before_the_condition_options_load_as_they_were_trained(tmp_p
     adaptor = trained_like(cfg)
     save_adaptor(tmp_path, adaptor, tiny_model)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    for key in ("condition_pool", "condition_norm"):  # an older file has neither key
+    for key in ("condition_pool", "condition_norm", "gate_init"):  # an older file has none
         del config["adaptor"][key]
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
     loaded, _ = load_adaptor(tmp_path, tiny_model)
     assert (loaded.cfg.condition_pool, loaded.cfg.condition_norm) == ("mean", "none")
+    assert loaded.cfg.gate_init == "zero"
     h, enc, t = torch.randn(2, 5, D), torch.randn(2, D), torch.tensor([0.9, 0.2])
     torch.testing.assert_close(loaded(h, t, enc), adaptor(h, t, enc))
