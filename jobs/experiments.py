@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -106,8 +107,9 @@ def split(text: str) -> list[str]:
 class Runner:
     """Runs jobs in this process, prints progress, keeps what each returned or why it failed."""
 
-    def __init__(self, a) -> None:
+    def __init__(self, a, command: str = "") -> None:
         self.a = a
+        self.command = command  # what makes (or, finished, skips) every run: for the report
         self.uri = tracking_uri(a.tracking_uri)
         self.out = Path(a.output_dir)
         self.results: list[dict] = []
@@ -296,17 +298,26 @@ def stage_report(r: Runner) -> None:
     from jobs import report
 
     argv = ["--experiment", r.a.experiment, "--tracking-uri", r.uri, "--output-dir",
-            r.a.report_dir, "--json"]  # fmt: skip
+            r.a.report_dir, "--made-by", r.command, "--json"]  # fmt: skip
     r.job("report", report.main, argv, None)
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    a = parse_args(args)
     if not Path(a.base, "config.json").is_file():
         fail(f"base {a.base!r} not found (a saved model folder with config.json)")
     uri = tracking_uri(a.tracking_uri)
     check_reachable(uri)
-    r = Runner(a)
+    # the report names the command that made the runs: the last one that ran a stage of jobs
+    command, made_by = (
+        "python jobs/experiments.py " + shlex.join(args),
+        Path(a.output_dir, "command.txt"),
+    )
+    if set(a.stages) - {"report"}:
+        made_by.parent.mkdir(parents=True, exist_ok=True)
+        made_by.write_text(command + "\n")
+    r = Runner(a, made_by.read_text().strip() if made_by.is_file() else command)
     print(f"experiments: stages {', '.join(a.stages)} on {a.base}; MLflow {uri} "
           f"experiment {a.experiment}", flush=True)  # fmt: skip
     stages = {"methods": stage_methods, "data_size": stage_data_size,

@@ -32,6 +32,7 @@ PARENT_TAG = "mlflow.parentRunId"  # set on jobs/sweep.py's trial runs
 NOT_TRAINING = {"sweep", "base", "report"}  # tag `kind` of sweep parents, pretraining, reports
 PEAK_MEMORY_KEYS = ("peak_mb", "peak_memory_mb")  # as benchmarks/ name it; no job logs it yet
 ABSENT = "—"
+SELF_FULL = ("lora_diffusion", "full")  # the rows the paper's efficiency claims compare against
 
 # Columns: (header, value key, scale, format). Keys are run metrics or the derived ones of
 # `run_values`; a cell is the mean (± sample std) over a row's runs.
@@ -69,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--runs-filter", default="", metavar="FILTER",
                    help="MLflow search filter on the runs: \"tags.method = 'x'\"")  # fmt: skip
     p.add_argument("--no-log", action="store_true", help="do not log a `report` run to MLflow")
+    p.add_argument("--made-by", default="", metavar="COMMAND",
+                   help="the command that made the runs, stated under the title")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -193,6 +196,46 @@ def vs_full(groups, values) -> dict:
         mine, full = acc[(task, method)], acc.get((task, "full"))
         col[(task, method)] = ABSENT if mine is None or not full else f"{100 * mine / full:.1f}"
     return {"gen. acc. vs full (%)": col}
+
+
+def mean_of(groups, values, key, task, method) -> float | None:
+    xs = [values[r.info.run_id].get(key) for r in groups.get((task, method), [])]
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def paper_table(groups, values) -> list[str]:
+    """The paper's claims on SST-2 beside what these runs measured, one row per claim, per task
+    of the method comparison."""
+    pct = lambda x, spec="{:.1f}%": ABSENT if x is None else spec.format(100 * x)
+    rows = []
+    for task in sorted({t for t, _ in groups}):
+        get = lambda key, method, task=task: mean_of(groups, values, key, task, method)
+        ld, full = (
+            get("eval_accuracy_scoring", "lora_diffusion"),
+            get("eval_accuracy_scoring", "full"),
+        )
+        others = {m: get("eval_accuracy_scoring", m) for t, m in groups if t == task}
+        efficient = [(v, m) for m, v in others.items() if v is not None and m not in SELF_FULL]
+        best = max(efficient, default=None)
+        share = get("trainable_pct", "lora_diffusion")
+        prefix = get("loss_reduction_pct", "prefix")
+        below = [m for m, v in others.items() if v is not None and v < 0.5]
+        rows += [
+            [task, "LoRA-Diffusion comes close to full fine-tuning",
+             f"scoring {pct(ld)} vs full {pct(full)}"],
+            [task, "LoRA-Diffusion beats the other parameter-efficient methods",
+             ABSENT if best is None else f"scoring {pct(ld)} vs best other {pct(best[0])} "
+             f"({best[1]})"],
+            [task, "under 1% of the base's parameters train",
+             ABSENT if share is None else f"{share:.2f}% (the share falls with the base's width)"],
+            [task, "prefix tuning could not be made to train",
+             ABSENT if prefix is None else f"prefix lowered its training loss by {prefix:.1f}%"],
+            [task, "some baselines below chance on a balanced binary task",
+             f"below 50% by scoring here: {', '.join(sorted(below)) or 'none'} (sampling noise "
+             "of the eval subset: a constant answer scores the class share)"],
+        ]  # fmt: skip
+    return markdown(["task", "the paper's claim", "measured here"], rows) if rows else []
 
 
 def sweeps(client, runs) -> list[tuple]:
@@ -368,6 +411,10 @@ def training_sections(client, runs, experiments, command, figures: Path) -> tupl
     lines = []
     for title, table in zip(titles, tables, strict=True):
         lines += section(title, table + prov + (links if title == titles[-1] else []))
+    lines += section("Against the paper", [
+        "What the paper reports, next to what these runs measured on this project's base "
+        "(a base this small is far weaker than the paper's; where the two differ, the runs "
+        "above are the record):", "", *paper_table(groups, values)])  # fmt: skip
     lines += section("Effective rank by phase", effective_rank_table(ranks),
                      "no LoRA-Diffusion run with an adaptor_report.json artifact")  # fmt: skip
     return lines, made
@@ -523,10 +570,11 @@ def sweep_sections(client, runs, experiments, command, figures: Path) -> tuple[l
     return section("Sweeps", body, "no runs with nested child runs"), made
 
 
-def build_report(client, experiments: dict, runs: list, command: str, out: Path) -> list[Path]:
+def build_report(client, experiments: dict, runs: list, command: str, out: Path,
+                 made_by: str = "") -> list[Path]:  # fmt: skip
     """Write RESULTS.md and figures/ under `out`; returns the files written."""
     lines = [
-        "# Results", "",
+        "# Results", "", *([f"Runs made by `{made_by}`.", ""] if made_by else []),
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from MLflow experiments "
         f"{', '.join(f'`{e}`' for e in experiments.values())} ({len(runs)} runs read). "
         f"Rebuild: `{command}`", "",
@@ -554,7 +602,13 @@ def log_report(client, experiment_id: str, files: list[Path], command: str) -> s
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    command = "python jobs/report.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    # the tables' rebuild command leaves out --made-by: the header names the runs' own command
+    if "--made-by" in args:
+        i = args.index("--made-by")
+        args = args[:i] + args[i + 2 :]
+    args = [x for x in args if not x.startswith("--made-by=")]
+    command = "python jobs/report.py " + shlex.join(args)
     uri = tracking_uri(a.tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         fail(f"no MLflow store at {uri} (pass --tracking-uri or set $MLFLOW_TRACKING_URI)")
@@ -567,7 +621,7 @@ def main(argv=None) -> dict:
         experiments = find_experiments(client, a.experiment)
         runs = search_all(client, list(experiments), a.runs_filter)
         runs = [r for r in runs if r.data.tags.get("kind") != "report"]
-        files = build_report(client, experiments, runs, command, Path(a.output_dir))
+        files = build_report(client, experiments, runs, command, Path(a.output_dir), a.made_by)
         result = {"results": str(files[0]), "figures": [str(f) for f in files[1:]],
                   "runs": len(runs)}  # fmt: skip
         if not a.no_log:

@@ -2,6 +2,7 @@
 report; a rerun skips what is done; bad stages are refused."""
 
 import json
+import shlex
 import sys
 
 import pytest
@@ -54,9 +55,12 @@ def test_every_stage_lands_in_mlflow_and_in_the_report(done):
     assert {r.data.tags.get("kind") for r in runs} >= {"compose", "multitask", "analysis", "report"}
 
     text = (root / "docs" / "RESULTS.md").read_text()
+    made_by = text.split("Runs made by `", 1)[1].split("`", 1)[0]
+    assert made_by == "python jobs/experiments.py " + shlex.join(done["argv"])
+    assert "## Against the paper" in text
     methods = text.split("## Method comparison")[1].split("## ")[0]
     assert "| sst2 | lora_diffusion | 2 | 0, 1 |" in methods and "| sst2 | bitfit | 2 |" in methods
-    assert "trec" not in methods  # the tasks stage's runs stay out of the method tables
+    assert "| trec |" not in methods  # the tasks stage's runs stay out of the method tables
     sizes = text.split("## Accuracy against training-set size")[1].split("## ")[0]
     assert "| lora_diffusion | 16 | 1 |" in sizes and "| lora_diffusion | 32 | 1 |" in sizes
     ranks = text.split("## Effective rank by phase")[1].split("## ")[0]

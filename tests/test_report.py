@@ -136,6 +136,20 @@ def test_method_comparison_has_means_stds_n_and_relative_to_full(report):
     assert rows["lora_diffusion"]["gen. acc. (%)"] == "82.0 ± 2.8"  # the format, spelled out
 
 
+def test_the_paper_s_claims_sit_beside_the_measured_values(report):
+    rows = {
+        r["the paper's claim"]: r["measured here"]
+        for r in table(report["md"], "## Against the paper")
+    }
+    ld = statistics.fmean(metric_of("lora_diffusion", "eval_accuracy_scoring"))
+    full = statistics.fmean(metric_of("full", "eval_accuracy_scoring"))
+    close = rows["LoRA-Diffusion comes close to full fine-tuning"]
+    assert close == f"scoring {100 * ld:.1f}% vs full {100 * full:.1f}%"
+    best = rows["LoRA-Diffusion beats the other parameter-efficient methods"]
+    assert best.endswith("(weight_lora)")  # full fine-tuning is not parameter-efficient
+    assert rows["prefix tuning could not be made to train"] == "—"  # no prefix run here
+
+
 def test_efficiency_shows_absent_peak_memory_as_a_dash(report):
     rows = by_method(table(report["md"], "## Efficiency"))
     assert rows["weight_lora"]["peak memory (MB)"] == "—"
