@@ -1,7 +1,7 @@
 """Run the paper's experiments on one base, tracked in MLflow, then rebuild the report.
 
     python jobs/experiments.py --base runs/base-small2/model                # the full set
-    python jobs/experiments.py --base runs/base-small2/model --quick        # sized for ~20 min
+    python jobs/experiments.py --base runs/base-small2/model --quick        # 19 min measured
 
 Stages (--stages, run in this order; default: all of them):
   methods    every method x every seed on --task: Tables 5/6/7/8/9, loss curves, Figure 1
@@ -11,6 +11,8 @@ Stages (--stages, run in this order; default: all of them):
   tasks      one LoRA-Diffusion adaptor per --tasks; the zero-shot merge of them with fixed
              uniform weights (jobs/compose.py); a router trained over them (jobs/multitask.py
              --router-only); the t-SNE of their trajectory perturbations: Figure 4
+  bases      --base-methods on --base and on every --bases folder (other base sizes): Table
+             12; nothing without --bases
   report     jobs/report.py over --experiment: REPORT_DIR/RESULTS.md and figures/
 
 Every job runs in this process, one after another, without Ray (one machine; on a cluster
@@ -35,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jobs.common import base_parser, emit, fail  # noqa: E402
 from jobs.tracking import check_reachable, tracking_uri  # noqa: E402
 
-STAGES = ("methods", "data_size", "ablations", "tasks", "report")
+STAGES = ("methods", "data_size", "ablations", "tasks", "bases", "report")
 PAPER_METHODS = ("full", "lora_diffusion", "weight_lora", "adapters", "bitfit", "prefix")
 SCALES = {
     "full": {
@@ -48,6 +50,7 @@ SCALES = {
         "tasks": "sst2,trec,agnews",
         "spaces": "table10_ranks,table11_k",
         "tsne_per_task": 64,
+        "base_methods": "lora_diffusion,weight_lora",
     },
     "quick": {
         "methods": "lora_diffusion,weight_lora,bitfit",
@@ -59,6 +62,7 @@ SCALES = {
         "tasks": "sst2,trec",
         "spaces": "",
         "tsne_per_task": 32,
+        "base_methods": "lora_diffusion",
     },
 }
 
@@ -83,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default=None, help="tasks stage: comma list (>= 2)")
     p.add_argument("--spaces", default=None, help="ablations stage: tune_spaces/ names")
     p.add_argument("--tsne-per-task", type=int, default=None, help="t-SNE: examples per task")
+    p.add_argument("--bases", default="",
+                   help="bases stage: further base folders (other sizes), comma list")  # fmt: skip
+    p.add_argument("--base-methods", default=None, help="bases stage: methods")
     p.add_argument("--train-limit", type=int, default=None, help="methods/tasks: train subset")
     p.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -167,10 +174,10 @@ class Runner:
         """Whether the last job ran now and finished (not skipped, not failed)."""
         return bool(self.results) and self.results[-1]["status"] == "ok"
 
-    def train(self, label: str, study: str, out: Path, *flags: str) -> dict | None:
+    def train(self, label: str, study: str, out: Path, *flags: str, base: str = "") -> dict | None:
         from jobs import train
 
-        argv = ["--base", self.a.base, "--output-dir", str(out), *flags,
+        argv = ["--base", base or self.a.base, "--output-dir", str(out), *flags,
                 *self.common(study), *self.training()]  # fmt: skip
         return self.job(label, train.main, argv, out / "metrics.json")
 
@@ -208,6 +215,19 @@ def stage_ablations(r: Runner) -> None:
         for o in a.overrides:
             argv += ["--set", o]
         r.job(f"ablations: {space}", sweep.main, argv, out / "trials.json")
+
+
+def stage_bases(r: Runner) -> None:
+    a = r.a
+    if not split(a.bases):
+        print("bases: no --bases given, nothing to compare across base sizes", flush=True)
+        return
+    for i, base in enumerate([a.base, *split(a.bases)]):
+        for method in split(a.base_methods):
+            name = Path(base).parent.name if Path(base).name == "model" else Path(base).name
+            out = r.out / "bases" / f"{i}-{name}-{method}"
+            r.train(f"bases: {method} on {base}", "bases", out, "--method", method, "--task",
+                    a.task, base=base)  # fmt: skip
 
 
 def stage_tasks(r: Runner) -> None:
@@ -305,8 +325,9 @@ def stage_report(r: Runner) -> None:
 def main(argv=None) -> dict:
     args = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(args)
-    if not Path(a.base, "config.json").is_file():
-        fail(f"base {a.base!r} not found (a saved model folder with config.json)")
+    for base in [a.base, *split(a.bases)]:
+        if not Path(base, "config.json").is_file():
+            fail(f"base {base!r} not found (a saved model folder with config.json)")
     uri = tracking_uri(a.tracking_uri)
     check_reachable(uri)
     # the report names the command that made the runs: the last one that ran a stage of jobs
@@ -322,7 +343,7 @@ def main(argv=None) -> dict:
           f"experiment {a.experiment}", flush=True)  # fmt: skip
     stages = {"methods": stage_methods, "data_size": stage_data_size,
               "ablations": stage_ablations, "tasks": stage_tasks,
-              "report": stage_report}  # fmt: skip
+              "bases": stage_bases, "report": stage_report}  # fmt: skip
     for stage in a.stages:
         stages[stage](r)
     failed = [x for x in r.results if x["status"] == "failed"]

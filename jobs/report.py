@@ -511,6 +511,44 @@ def data_size_sections(client, runs, experiments, command, figures: Path) -> tup
     return section(title, body), made
 
 
+BASE_COLUMNS = (
+    ("gen. acc. (%)", "eval_accuracy", 100, "{:.1f}"),
+    ("scoring acc. (%)", "eval_accuracy_scoring", 100, "{:.1f}"),
+    ("trainable (%)", "trainable_pct", 1, "{:.3f}"),
+    ("train seconds", "train_seconds", 1, "{:.1f}"),
+    ("forgetting (nats/token)", "forgetting", 1, "{:+.4f}"),
+)
+
+
+def base_size_sections(client, runs, experiments, command, figures: Path) -> tuple[list, list]:
+    """The comparison across base sizes (runs tagged study=bases), ordered by the base's size
+    (trainable parameters / trainable share)."""
+    groups = defaultdict(list)
+    for r in filter(is_training_run, runs):
+        if r.data.tags.get("study") == "bases":
+            groups[(r.data.params.get("base", "?"), r.data.tags["method"])].append(r)
+    title = "Across base sizes (Table 12)"
+    if not groups:
+        return section(title, [], "no runs tagged study=bases (jobs/experiments.py --bases)"), []
+    values = {r.info.run_id: run_values(r, []) for rs in groups.values() for r in rs}
+
+    def base_params(rs) -> float:
+        sizes = [100 * v["trainable_params"] / v["trainable_pct"] for r in rs
+                 for v in [values[r.info.run_id]] if v.get("trainable_pct")]  # fmt: skip
+        return statistics.fmean(sizes) if sizes else math.inf
+
+    size = {key: base_params(rs) for key, rs in groups.items()}
+    order = sorted(groups, key=lambda k: (size[k], k))
+    rows = [[base, ABSENT if math.isinf(size[(base, m)]) else f"{size[(base, m)]:,.0f}", m,
+             str(len(groups[(base, m)])),
+             *(cell([values[r.info.run_id] for r in groups[(base, m)]], *col[1:])
+               for col in BASE_COLUMNS),
+             ", ".join(run_ref(r) for r in groups[(base, m)])]
+            for base, m in order]  # fmt: skip
+    header = ["base", "base params", "method", "n", *(c[0] for c in BASE_COLUMNS), "runs"]
+    return section(title, [*markdown(header, rows), "", f"Rebuild: `{command}`"]), []
+
+
 def multitask_sections(client, runs, experiments, command, figures: Path) -> tuple[list, list]:
     """Zero-shot merges (kind=compose), router composition (kind=multitask) and analysis
     figures (kind=analysis) logged by jobs/experiments.py."""
@@ -582,7 +620,9 @@ def build_report(client, experiments: dict, runs: list, command: str, out: Path,
         f"value); (k/n): only k of the n runs logged it; {ABSENT}: not logged.", "",
     ]  # fmt: skip
     made = []
-    for make in (training_sections, data_size_sections, sweep_sections, multitask_sections):
+    sections = (training_sections, data_size_sections, sweep_sections, base_size_sections,
+                multitask_sections)  # fmt: skip
+    for make in sections:
         body, figs = make(client, runs, experiments, command, out / "figures")
         lines, made = lines + body, made + figs
     out.mkdir(parents=True, exist_ok=True)

@@ -28,30 +28,34 @@ def done(tiny_tokenizer, data_dir, tmp_path_factory, tracking_store):
 
     torch.manual_seed(0)
     tok = tiny_tokenizer
-    base = tmp_path_factory.mktemp("base")
-    DiffusionLM(preset_config("tiny", vocab_size=len(tok), mask_token_id=tok.mask_token_id)
-                ).save_pretrained(base)  # fmt: skip
-    tok.save_pretrained(base)
+    base, narrow = tmp_path_factory.mktemp("base"), tmp_path_factory.mktemp("narrow")
+    for folder, width in ((base, 64), (narrow, 32)):  # two base sizes for the bases stage
+        cfg = preset_config("tiny", hidden_size=width, vocab_size=len(tok),
+                            mask_token_id=tok.mask_token_id)  # fmt: skip
+        DiffusionLM(cfg).save_pretrained(folder)
+        tok.save_pretrained(folder)
     root = tmp_path_factory.mktemp("experiments")
     uri = tracking_store  # the session's store: in-process jobs must not move other tests' URI
     argv = [*TINY, "--base", str(base), "--output-dir", str(root / "runs"), "--report-dir",
             str(root / "docs"), "--tracking-uri", uri, "--data-dir", str(data_dir),
-            "--stages", "methods,data_size,tasks,report", "--json"]  # fmt: skip
+            "--bases", str(narrow), "--base-methods", "lora_diffusion",
+            "--stages", "methods,data_size,tasks,bases,report", "--json"]  # fmt: skip
     result = experiments.main(argv)
-    return {"argv": argv, "root": root, "uri": uri, "result": result}
+    return {"argv": argv, "root": root, "uri": uri, "result": result, "bases": (base, narrow)}
 
 
 def test_every_stage_lands_in_mlflow_and_in_the_report(done):
     result, root = done["result"], done["root"]
     assert result["failed"] == 0, result["jobs"]
     labels = [j["job"] for j in result["jobs"]]
-    # 2 methods x 2 seeds, 2 sizes x 1 method, 2 tasks + merge + router + t-SNE, report
-    assert len(labels) == 4 + 2 + 5 + 1 and labels[-1] == "report", labels
+    # 2 methods x 2 seeds, 2 sizes x 1 method, 2 tasks + merge + router + t-SNE, 2 bases, report
+    assert len(labels) == 4 + 2 + 5 + 2 + 1 and labels[-1] == "report", labels
     runs = mlflow.MlflowClient(done["uri"]).search_runs(
         [mlflow.MlflowClient(done["uri"]).get_experiment_by_name("lora-diffusion/paper")
          .experiment_id], max_results=200)  # fmt: skip
     studies = sorted(r.data.tags.get("study", r.data.tags.get("kind")) for r in runs)
     assert studies.count("methods") == 4 and studies.count("data_size") == 2
+    assert studies.count("bases") == 2
     assert {r.data.tags.get("kind") for r in runs} >= {"compose", "multitask", "analysis", "report"}
 
     text = (root / "docs" / "RESULTS.md").read_text()
@@ -65,6 +69,11 @@ def test_every_stage_lands_in_mlflow_and_in_the_report(done):
     assert "| lora_diffusion | 16 | 1 |" in sizes and "| lora_diffusion | 32 | 1 |" in sizes
     ranks = text.split("## Effective rank by phase")[1].split("## ")[0]
     assert "| sst2 | 0 | 64 | 1 | 4 |" in ranks  # 2 modules x 2 runs in the earliest phase
+    sizes12 = text.split("## Across base sizes (Table 12)")[1].split("## ")[0]
+    rows = [ln for ln in sizes12.splitlines() if ln.startswith("| /")]
+    assert [ln.split(" | ")[0][2:] for ln in rows] == [str(done["bases"][1]), str(done["bases"][0])]
+    small, large = (int(ln.split(" | ")[1].replace(",", "")) for ln in rows)
+    assert small < large  # ordered by the base's size, read back from the runs
     multi = text.split("## Multi-task composition")[1]
     assert "Zero-shot merge" in multi and "| trec |" in multi and "silhouette" in multi
     for fig in ("loss_curves", "effective_rank_by_phase", "accuracy_vs_data_size",
@@ -80,10 +89,10 @@ def test_a_rerun_skips_finished_jobs_and_logs_nothing_new(done):
     client = mlflow.MlflowClient(done["uri"])
     exp = client.get_experiment_by_name("lora-diffusion/paper").experiment_id
     before = len(client.search_runs([exp], max_results=500))
-    argv = [a if a != "methods,data_size,tasks,report" else "methods,data_size,tasks"
+    argv = [a if a != "methods,data_size,tasks,bases,report" else "methods,data_size,tasks,bases"
             for a in done["argv"]]  # fmt: skip
     again = experiments.main(argv)
-    assert [j["status"] for j in again["jobs"]] == ["skipped"] * 11
+    assert [j["status"] for j in again["jobs"]] == ["skipped"] * 13
     assert len(client.search_runs([exp], max_results=500)) == before
 
 
