@@ -58,6 +58,16 @@ CONVERGENCE_COLUMNS = (
     ("forgetting (nats/token)", "forgetting", 1, "{:+.4f}"),
 )
 
+_BY_KEY = {c[1]: c for c in (*METHOD_COLUMNS, *EFFICIENCY_COLUMNS, *CONVERGENCE_COLUMNS)}
+BASE_KEYS = (
+    "eval_accuracy",
+    "eval_accuracy_scoring",
+    "trainable_pct",
+    "train_seconds",
+    "forgetting",
+)
+BASE_COLUMNS = tuple(_BY_KEY[k] for k in BASE_KEYS)  # Table 12: a few of the columns above
+
 
 def parse_args(argv=None):
     p = base_parser(__doc__.splitlines()[0], training=False)
@@ -511,15 +521,6 @@ def data_size_sections(client, runs, experiments, command, figures: Path) -> tup
     return section(title, body), made
 
 
-BASE_COLUMNS = (
-    ("gen. acc. (%)", "eval_accuracy", 100, "{:.1f}"),
-    ("scoring acc. (%)", "eval_accuracy_scoring", 100, "{:.1f}"),
-    ("trainable (%)", "trainable_pct", 1, "{:.3f}"),
-    ("train seconds", "train_seconds", 1, "{:.1f}"),
-    ("forgetting (nats/token)", "forgetting", 1, "{:+.4f}"),
-)
-
-
 def base_size_sections(client, runs, experiments, command, figures: Path) -> tuple[list, list]:
     """The comparison across base sizes (runs tagged study=bases), ordered by the base's size
     (trainable parameters / trainable share)."""
@@ -533,8 +534,10 @@ def base_size_sections(client, runs, experiments, command, figures: Path) -> tup
     values = {r.info.run_id: run_values(r, []) for rs in groups.values() for r in rs}
 
     def base_params(rs) -> float:
-        sizes = [100 * v["trainable_params"] / v["trainable_pct"] for r in rs
-                 for v in [values[r.info.run_id]] if v.get("trainable_pct")]  # fmt: skip
+        vs = [values[r.info.run_id] for r in rs]
+        sizes = [
+            100 * v["trainable_params"] / v["trainable_pct"] for v in vs if v.get("trainable_pct")
+        ]
         return statistics.fmean(sizes) if sizes else math.inf
 
     size = {key: base_params(rs) for key, rs in groups.items()}
