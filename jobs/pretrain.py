@@ -28,7 +28,7 @@ from jobs.tracking import (  # noqa: E402
 )
 from lora_diffusion.config import apply_overrides  # noqa: E402
 from lora_diffusion.models import PRESETS  # noqa: E402
-from lora_diffusion.pretraining import PretrainConfig, pretrain  # noqa: E402
+from lora_diffusion.pretraining import PretrainConfig, pretrain, task_documents  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,6 +47,15 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=0, help="held-out eval every N steps")
     p.add_argument("--heldout-blocks", type=int, default=512, help="held-out blocks scored")
     p.add_argument("--max-documents", type=int, default=None, help="use only N documents")
+    p.add_argument(
+        "--task-text",
+        default="",
+        help="comma-separated tasks (e.g. sst2,cola,trec,agnews) whose train-split texts, without "
+        "instruction or label, join the training documents (task-adaptive pretraining)",
+    )
+    p.add_argument(
+        "--task-text-repeat", type=int, default=1, help="copies of the task text in the mix"
+    )
     p.add_argument("--process", default="absorbing", help="absorbing | uniform")
     p.add_argument("--time-conditioning", action="store_true", help="adaLN time conditioning")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -71,6 +80,9 @@ def build_config(a) -> PretrainConfig:
         block_length=a.block_length,
         time_conditioning=a.time_conditioning,
         max_documents=a.max_documents,
+        task_text=tuple(t.strip() for t in a.task_text.split(",") if t.strip()),
+        task_text_repeat=a.task_text_repeat,
+        data_dir=a.data_dir,
         heldout_blocks=a.heldout_blocks,
         checkpoint_every=a.checkpoint_every,
         resume_from=a.resume_from,
@@ -103,6 +115,7 @@ def main(argv=None) -> dict:
         fail("--strategy fsdp shards a frozen base; pretraining trains every weight: use ddp")
     try:
         cfg = build_config(a)
+        task_documents(cfg)  # an unknown task or a missing/bad file fails here, not on a worker
     except (KeyError, ValueError) as e:
         fail(str(e))
     if not a.no_tracking:
@@ -116,7 +129,7 @@ def main(argv=None) -> dict:
         if a.no_ray:
             result = pretrain(cfg, report=_printer(tracker.report), progress=not a.no_progress)
         else:
-            paths = ("corpus_dir", "tokenizer", "init_from", "cache_dir", "resume_from")
+            paths = ("corpus_dir", "tokenizer", "init_from", "cache_dir", "resume_from", "data_dir")
             config = {"cfg": raytrain.absolute_paths(cfg, paths), "tracking": tracker.worker_spec(),
                       "tokenizer": _tokenizer_files(cfg)}  # fmt: skip
             result, out = raytrain.run(pretrain_loop, config, a, resources)

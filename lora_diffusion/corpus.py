@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import datasets
@@ -68,16 +68,19 @@ def packed_blocks(
     block_length: int = 128,
     cache_dir: str | Path | None = None,
     max_documents: int | None = None,
+    extra_documents: Sequence[str] = (),
 ) -> torch.Tensor:
-    """Tokenise and pack `files` into a (num_blocks, block_length) long tensor (cached)."""
+    """Tokenise and pack `files` into a (num_blocks, block_length) long tensor (cached).
+    `extra_documents` (e.g. unlabelled task text) are packed after the files' documents."""
     stat = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+    extra = hashlib.sha256("\0".join(extra_documents).encode()).hexdigest()
     key = hashlib.sha256(
-        repr((tokenizer_fingerprint(tokenizer), stat, block_length, max_documents)).encode()
+        repr((tokenizer_fingerprint(tokenizer), stat, block_length, max_documents, extra)).encode()
     ).hexdigest()[:16]
     path = Path(cache_dir or default_cache_dir()) / "corpus" / key
     if path.exists():
         return torch.from_numpy(np.asarray(datasets.load_from_disk(str(path))["ids"]))
-    docs = [d for f in files for d in read_documents(f)][:max_documents]
+    docs = [d for f in files for d in read_documents(f)][:max_documents] + list(extra_documents)
     eos = tokenizer.eos_token_id
 
     def tokenize(batch):

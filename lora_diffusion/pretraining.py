@@ -26,6 +26,7 @@ from .corruption import get_process
 from .losses import LossModule, heldout_loss
 from .models import DiffusionLM, preset_config
 from .schedules import get_schedule
+from .tasks import task_texts
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 from .training import (
     Distributed,
@@ -50,6 +51,15 @@ class PretrainConfig:
     block_length: int = field(default=128, metadata={"help": "tokens per packed block"})
     time_conditioning: bool = field(default=False, metadata={"help": "adaLN on t (off: MDLM)"})
     max_documents: int | None = field(default=None, metadata={"help": "cap (tests, demos)"})
+    task_text: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "tasks whose train-split texts (no instruction, no label) join the training "
+            "documents: task-adaptive pretraining; the held-out shard stays corpus text"
+        },
+    )
+    task_text_repeat: int = field(default=1, metadata={"help": "copies of the task text packed"})
+    data_dir: str | None = field(default=None, metadata={"help": "task data (for task_text)"})
     heldout_blocks: int = field(default=512, metadata={"help": "held-out blocks to score"})
     checkpoint_every: int = field(default=0, metadata={"help": "steps; 0: only at the end"})
     resume_from: str | None = field(default=None, metadata={"help": "a checkpoint folder"})
@@ -63,11 +73,18 @@ class PretrainConfig:
     )
 
 
+def task_documents(cfg: PretrainConfig) -> list[str]:
+    """The unlabelled task texts `cfg.task_text` adds to the training documents (one per input)."""
+    if cfg.task_text_repeat < 1:
+        raise ValueError(f"task_text_repeat must be at least 1, got {cfg.task_text_repeat}")
+    return task_texts(cfg.task_text, cfg.data_dir) if cfg.task_text else []
+
+
 def build_tokenizer(cfg: PretrainConfig, train_files: list[Path], vocab_size: int):
     if cfg.tokenizer or cfg.init_from:
         return load_tokenizer(cfg.tokenizer or cfg.init_from)
     docs = [d for f in train_files for d in read_documents(f)][: cfg.max_documents]
-    return train_bpe_tokenizer(docs, vocab_size=vocab_size)
+    return train_bpe_tokenizer(docs + task_documents(cfg), vocab_size=vocab_size)
 
 
 def pretrain(
@@ -93,7 +110,10 @@ def pretrain(
     train_files, heldout_files = split_files(corpus_files(cfg.corpus_dir))
     vocab = cfg.vocab_size or preset_config(cfg.preset).vocab_size
     tok = build_tokenizer(cfg, train_files, vocab)
-    train = packed_blocks(train_files, tok, cfg.block_length, cfg.cache_dir, cfg.max_documents)
+    extra = task_documents(cfg) * cfg.task_text_repeat
+    train = packed_blocks(
+        train_files, tok, cfg.block_length, cfg.cache_dir, cfg.max_documents, extra
+    )
     heldout = packed_blocks(heldout_files, tok, cfg.block_length, cfg.cache_dir)
     heldout = heldout[: cfg.heldout_blocks]
 

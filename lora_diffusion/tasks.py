@@ -95,6 +95,7 @@ class Example:
     prompt: str
     target: str
     label: int
+    text: str = field(default="", metadata={"help": "the input text alone (detokenised)"})
 
 
 TASKS = Registry[Task]("task")
@@ -294,7 +295,9 @@ def make_example(task: Task, text: Any, label: Any, where: str) -> Example:
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"{where}: empty text in column {task.input_field!r}")
     label_id = _parse_label(label, len(task.label_words), where)
-    return Example(task.prompt(text.strip()), task.label_words[label_id], label_id)
+    text = text.strip()
+    clean = detokenize_ptb(text) if task.detokenize else text
+    return Example(task.prompt(text), task.label_words[label_id], label_id, clean)
 
 
 def _decoded_lines(path: Path) -> Iterator[str]:
@@ -414,3 +417,11 @@ def load_split(
     path = data_file(task, split, data_dir)
     label_names(task, path.parent.parent)  # labels.txt must agree with the label words
     return _READERS[path.suffix](task, path, limit)
+
+
+def task_texts(
+    tasks: Iterable[str | Task], data_dir: str | Path | None = None, hub: bool = False
+) -> list[str]:
+    """The input texts of each task's *train* split, without instruction or label: unlabelled
+    in-domain text for task-adaptive pretraining (the eval split is never read)."""
+    return [e.text for t in tasks for e in load_split(t, "train", data_dir, hub=hub)]

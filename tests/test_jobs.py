@@ -81,6 +81,34 @@ def test_bad_flags_fail_with_a_clear_message(tmp_path, data_dir):
     assert proc.returncode == 2 and "error:" in proc.stderr
 
 
+def test_pretrain_task_text_joins_the_training_documents(tmp_path, data_dir):
+    """--task-text packs the tasks' unlabelled train texts after the corpus documents, as
+    often as --task-text-repeat says; an unknown task fails before any work."""
+    staged = tmp_path / "data"
+    (staged / "sst2").mkdir(parents=True)
+    (staged / "corpus").symlink_to(data_dir / "corpus")
+    (staged / "sst2" / "labels.txt").write_text("negative\npositive\n")
+    rows = "".join(f"a film numbered {i} that nobody will forget .\t{i % 2}\n" for i in range(300))
+    (staged / "sst2" / "train.tsv").write_text("sentence\tlabel\n" + rows)
+    common = ("jobs/pretrain.py", "--preset", "tiny", "--max-steps", "1", "--vocab-size", "400",
+              "--max-documents", "20", "--heldout-blocks", "4", "--data-dir", str(staged),
+              "--no-ray", "--no-tracking", "--no-progress", "--json")  # fmt: skip
+    tokens = {}
+    for repeat in (0, 1, 2):
+        extra = ("--task-text", "sst2", "--task-text-repeat", str(repeat)) if repeat else ()
+        out = tmp_path / f"r{repeat}"
+        proc = run_job(*common, "--output-dir", str(out), *extra)
+        tokens[repeat] = last_json(proc.stdout)["train_tokens"]
+    # a second copy adds ~10 tokens (+ EOS) per sentence, 300 sentences; packing cuts < a block
+    assert 300 * 6 < tokens[2] - tokens[1] < 300 * 20 and tokens[1] > tokens[0]
+    for flags, message in (
+        (("--task-text", "nosuch"), "unknown task 'nosuch'"),
+        (("--task-text", "sst2", "--task-text-repeat", "0"), "task_text_repeat must be at least 1"),
+    ):
+        proc = run_job(*common, "--output-dir", str(tmp_path / "bad"), *flags, check=False)
+        assert proc.returncode == 2 and message in proc.stderr
+
+
 @pytest.fixture(scope="module")
 def trained(pretrained, tmp_path_factory, data_dir, ray_cluster):
     _, base = pretrained

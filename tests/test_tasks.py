@@ -20,6 +20,7 @@ from lora_diffusion.tasks import (
     hub_examples,
     label_names,
     load_split,
+    task_texts,
 )
 
 DATA_DIR = default_data_dir()
@@ -278,3 +279,17 @@ def test_hub_failures_become_one_clear_data_error(monkeypatch):
         DataError, match="cannot load hub fancyzhx/ag_news split 'test': no network"
     ):
         load_split("agnews", "eval", hub=True)
+
+
+def test_task_texts_are_the_train_inputs_without_instruction_or_label(tmp_path):
+    data_dir = _stage(tmp_path, b"sentence\tlabel\na dev sentence never read .\t0\n")
+    (data_dir / "sst2" / "train.tsv").write_bytes(
+        b"sentence\tlabel\nit 's a fine film .\t1\na dull one .\t0\n"
+    )
+    texts = task_texts(["sst2"], data_dir)
+    assert texts == ["it's a fine film.", "a dull one."]  # detokenised as in the prompt
+    examples = load_split("sst2", "train", data_dir)
+    assert all(e.text in e.prompt and e.target not in e.text for e in examples)
+    (data_dir / "sst2" / "train.tsv").unlink()
+    with pytest.raises(DataError, match="sst2/train.tsv"):
+        task_texts(["sst2"], data_dir)  # the train split only: the dev file is not a fallback
