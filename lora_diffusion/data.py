@@ -87,9 +87,20 @@ def _token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+#: Targets are tokenised as they read after the prompt ("Sentiment: positive"): a word inside
+#: running text, with its leading space. A byte-level BPE then gives the whole-word token the
+#: base saw in pretraining ("Ġpositive"), not the fragments of a text-initial word ("p", "os",
+#: "itive"), whose embeddings mean nothing. Part of the cache key of tokenised splits.
+TARGET_PREFIX = " "
+
+
+def _target_ids(tokenizer: Any, targets: list[str]) -> list[list[int]]:
+    return _token_ids(tokenizer, [TARGET_PREFIX + t for t in targets])
+
+
 def target_length_for(task: str | Task, tokenizer: Any) -> int:
     """Target region length for `task`: the longest label word's token count + 1 (an [EOS])."""
-    return max(len(ids) for ids in _token_ids(tokenizer, list(get_task(task).label_words))) + 1
+    return max(len(ids) for ids in _target_ids(tokenizer, list(get_task(task).label_words))) + 1
 
 
 def encode_example(
@@ -97,7 +108,7 @@ def encode_example(
 ) -> dict[str, list[int]]:
     """One training sequence: `input_ids` (L,) and `target_mask` (L,), L <= max_length."""
     special = _special_ids(tokenizer)
-    prompt_ids, target_ids = _token_ids(tokenizer, [prompt, target])
+    (prompt_ids,), (target_ids,) = _token_ids(tokenizer, [prompt]), _target_ids(tokenizer, [target])
     region = _target_region(target_ids, target_length, special["eos"])
     return _layout(prompt_ids, region, max_length, special)
 
@@ -114,7 +125,7 @@ def encode_prompt(
 def label_candidates(task: str | Task, tokenizer: Any, target_length: int) -> torch.Tensor:
     """(num_labels, target_length) long: each label word's target region, for scoring."""
     eos = _special_ids(tokenizer)["eos"]
-    ids = _token_ids(tokenizer, list(get_task(task).label_words))
+    ids = _target_ids(tokenizer, list(get_task(task).label_words))
     return torch.tensor([_target_region(x, target_length, eos) for x in ids], dtype=torch.long)
 
 
@@ -179,6 +190,7 @@ def task_cache_path(
         task.instruction,
         task.label_words,
         task.detokenize,
+        TARGET_PREFIX,
         split,
         max_length,
         limit,
@@ -194,7 +206,7 @@ def _encode_batch(tokenizer: Any, max_length: int, target_length: int):
     def encode(batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "target_mask": []}
         prompts = _token_ids(tokenizer, batch["prompt"])
-        targets = _token_ids(tokenizer, batch["target"])
+        targets = _target_ids(tokenizer, batch["target"])
         for prompt_ids, target_ids in zip(prompts, targets, strict=True):
             region = _target_region(target_ids, target_length, special["eos"])
             for name, value in _layout(prompt_ids, region, max_length, special).items():

@@ -209,7 +209,9 @@ def scoring_accuracy(
     The loss of each candidate is the midpoint-rule estimate over t_i = (i + 0.5) / num_t of
     the per-example target loss (ELBO-weighted for absorbing, plain mean NLL for uniform; see
     `candidate_losses`). Returns accuracy, n, gold_loss (mean loss of the gold candidate) and
-    confusion ({gold: {pred: count}}). Deterministic for a (seed, batch_size).
+    confusion ({gold: {pred: count}}); for a two-label task also `auc`, the ROC AUC of the
+    loss difference (how well the scores separate the classes, whatever threshold the argmin
+    puts between them: 0.5 is none). Deterministic for a (seed, batch_size).
     """
     if num_t < 1:
         raise ValueError(f"num_t must be >= 1, got {num_t}")
@@ -221,19 +223,37 @@ def scoring_accuracy(
     cands = label_candidates(task, tokenizer, target_length).to(device)  # (K, T)
     ts = [(i + 0.5) / num_t for i in range(num_t)]
     g = torch.Generator().manual_seed(seed)
-    golds, preds, gold_losses = [], [], []
+    golds, preds, gold_losses, all_losses, all_labels = [], [], [], [], []
     for batch in _batches(rows, batch_size, tokenizer.pad_token_id, device):
         losses = candidate_losses(denoiser, batch, cands, proc, sched, ts, g)  # (B, K)
         labels = batch["labels"]
         gold_losses.append(losses.gather(1, labels[:, None])[:, 0])
+        all_losses.append(losses.cpu())
+        all_labels.append(labels.cpu())
         golds += [task.label_words[int(i)] for i in labels]
         preds += [task.label_words[int(i)] for i in losses.argmin(-1)]
-    return {
+    out = {
         "accuracy": sum(p == gold for p, gold in zip(preds, golds, strict=True)) / len(golds),
         "n": len(golds),
         "gold_loss": float(torch.cat(gold_losses).mean()),
         "confusion": _confusion(golds, preds),
     }
+    if len(task.label_words) == 2:
+        losses, labels = torch.cat(all_losses), torch.cat(all_labels)
+        out["auc"] = roc_auc(losses[:, 0] - losses[:, 1], labels == 1)
+    return out
+
+
+def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
+    """ROC AUC of `scores` (higher: more likely positive) against the bool `positive`: the
+    chance that a random positive outscores a random negative, ties counting half (the
+    Mann-Whitney statistic). None when one class is absent."""
+    pos, neg = scores[positive].double(), scores[~positive].double()
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    greater = (pos[:, None] > neg[None, :]).double().sum()
+    ties = (pos[:, None] == neg[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
 def candidate_losses(

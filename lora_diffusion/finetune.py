@@ -279,6 +279,7 @@ def evaluate_all(cfg, model, base, tok, process, schedule, progress=False) -> di
         "eval_accuracy": gen["accuracy"],
         "eval_valid_rate": gen["valid_rate"],
         "eval_accuracy_scoring": score["accuracy"],
+        **({"eval_auc_scoring": score["auc"]} if score.get("auc") is not None else {}),
         "eval_n": gen["n"],
         "eval_network_calls": gen["network_calls"],
         "eval_calls_saved": gen["calls_saved"],

@@ -53,9 +53,21 @@ def _check_layout(tok, ids: list[int], mask: list[int], target_length: int) -> N
 def test_target_length_fits_every_label_word_plus_one_eos(tok, name):
     length = target_length_for(name, tok)
     counts = [
-        len(tok(w, add_special_tokens=False)["input_ids"]) for w in get_task(name).label_words
+        len(tok(" " + w, add_special_tokens=False)["input_ids"]) for w in get_task(name).label_words
     ]
     assert length == max(counts) + 1
+
+
+@pytest.mark.parametrize("word", ["positive", "negative"])
+def test_targets_are_tokenised_as_words_in_running_text(tok, word):
+    """The target's tokens are the ones the word gets after the prompt ("Sentiment: positive"),
+    the tokens the base saw in pretraining, not those of a text-initial word."""
+    target_length = target_length_for("sst2", tok)
+    region = encode_example(tok, PROMPT, word, 128, target_length)["input_ids"][-target_length:]
+    in_text = tok(PROMPT + " " + word, add_special_tokens=False)["input_ids"]
+    word_ids = region[: region.index(tok.eos_token_id)]
+    assert in_text[-len(word_ids) :] == word_ids
+    assert word_ids != tok(word, add_special_tokens=False)["input_ids"]  # the leading space counts
 
 
 def test_encode_example_layout(tok):
@@ -64,7 +76,7 @@ def test_encode_example_layout(tok):
     ids, mask = out["input_ids"], out["target_mask"]
     _check_layout(tok, ids, mask, target_length)
     region = ids[-target_length:]
-    word = tok("positive", add_special_tokens=False)["input_ids"]
+    word = tok(" positive", add_special_tokens=False)["input_ids"]
     assert region[: len(word)] == word
     assert region[len(word) :] == [tok.eos_token_id] * (target_length - len(word))
     assert tok.decode(ids[1 : -target_length - 1]) == PROMPT.lower()  # prompt untouched

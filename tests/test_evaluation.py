@@ -26,6 +26,7 @@ from lora_diffusion.evaluation import (
     convergence_step,
     forgetting,
     generative_accuracy,
+    roc_auc,
     scoring_accuracy,
 )
 from lora_diffusion.schedules import get_schedule
@@ -99,6 +100,7 @@ def test_oracle_is_perfect_in_both_modes(tiny_tokenizer, examples):
     score = scoring_accuracy(model, tiny_tokenizer, "sst2", examples, batch_size=5)
     assert score["accuracy"] == 1.0 and score["n"] == 16
     assert score["gold_loss"] < 1e-6
+    assert score["auc"] == 1.0  # the oracle's scores separate the classes completely
 
 
 def test_invalid_outputs_are_wrong(tiny_tokenizer, examples):
@@ -119,6 +121,17 @@ def test_always_positive_scores_the_positive_share(tiny_tokenizer, examples, can
     score = scoring_accuracy(model, tiny_tokenizer, "sst2", examples, batch_size=7)
     assert score["accuracy"] == pytest.approx(positive_share(examples))
     assert all(set(row) == {"positive"} for row in score["confusion"].values())
+
+
+def test_roc_auc_matches_sklearn_with_ties_and_needs_both_classes():
+    from sklearn.metrics import roc_auc_score
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (200,), generator=g).float()  # many ties
+    positive = torch.rand(200, generator=g) < scores / 8
+    assert roc_auc(scores, positive) == pytest.approx(roc_auc_score(positive, scores))
+    assert roc_auc(-scores, positive) == pytest.approx(1 - roc_auc(scores, positive))
+    assert roc_auc(scores, torch.ones(200, dtype=torch.bool)) is None
 
 
 def test_generation_is_seeded_and_takes_examples_or_tokenised_rows(
