@@ -85,31 +85,50 @@ def _coerce(value: str, typ):
 
 
 def apply_overrides(obj, overrides: list[str]):
-    """Apply `a.b=value` strings to a (nested) dataclass; returns a new, validated object."""
+    """Apply `a.b=value` strings to a (nested) dataclass; returns a new, validated object.
+
+    The overrides of one config object are applied together and validated once, so values
+    that must agree change in one go (`adaptor.ranks=64 adaptor.sigmas=1 adaptor.boundaries=`:
+    one phase instead of three). A later override of the same key wins."""
+    tree: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
-        obj = _set(obj, key.split("."), value, key)
-    return obj
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise KeyError(f"config key {key!r}: {part!r} has no sub-keys")
+        node[leaf] = (value, key)
+    return _apply(obj, tree) if tree else obj
 
 
-def _set(obj, path: list[str], value: str, full: str):
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    name = path[0]
-    if name not in fields:
-        raise KeyError(f"unknown config key {full!r} ({name!r} not in {sorted(fields)})")
-    current = getattr(obj, name)
-    if len(path) > 1:
-        if not dataclasses.is_dataclass(current):
-            raise KeyError(f"config key {full!r}: {name!r} has no sub-keys")
-        return dataclasses.replace(obj, **{name: _set(current, path[1:], value, full)})
+def _leaf_key(sub) -> str:
+    """The full dotted key of an override (the first one, for a subtree): for error messages."""
+    return sub[1] if isinstance(sub, tuple) else _leaf_key(next(iter(sub.values())))
+
+
+def _apply(obj, tree: dict):
+    fields = {f.name for f in dataclasses.fields(obj)}
     hints = typing.get_type_hints(type(obj))
-    try:
-        parsed = _coerce(value, hints[name]) if isinstance(value, str) else value
-    except ValueError as e:
-        raise ValueError(f"config key {full!r}: {e}") from None
-    return dataclasses.replace(obj, **{name: parsed})
+    changes = {}
+    for name, sub in tree.items():
+        full = _leaf_key(sub)
+        if name not in fields:
+            raise KeyError(f"unknown config key {full!r} ({name!r} not in {sorted(fields)})")
+        current = getattr(obj, name)
+        if isinstance(sub, dict):
+            if not dataclasses.is_dataclass(current):
+                raise KeyError(f"config key {full!r}: {name!r} has no sub-keys")
+            changes[name] = _apply(current, sub)
+            continue
+        try:
+            changes[name] = _coerce(sub[0], hints[name])
+        except ValueError as e:
+            raise ValueError(f"config key {full!r}: {e}") from None
+    return dataclasses.replace(obj, **changes)
 
 
 def from_dict(cls, data: dict):

@@ -57,3 +57,18 @@ def test_optional_config_values_parse_and_clear():
     assert apply_overrides(cfg, ["eval_steps=4"]).eval_steps == 4
     assert apply_overrides(cfg, ["eval_limit=5", "eval_limit=none"]).eval_limit is None
     assert apply_overrides(cfg, ["baselines.lora_alpha=16"]).baselines.lora_alpha == 16.0
+
+
+def test_overrides_that_must_agree_change_together():
+    """Phases are three values that must agree: set one by one, each step would be invalid."""
+    from lora_diffusion.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(base="b", output_dir="o")
+    one = ["adaptor.ranks=16", "adaptor.sigmas=1", "adaptor.boundaries=", "train.lr=0.01"]
+    one = apply_overrides(cfg, one)
+    assert (one.adaptor.ranks, one.adaptor.sigmas, one.adaptor.boundaries) == ((16,), (1.0,), ())
+    assert one.train.lr == 0.01 and cfg.adaptor.ranks == (64, 32, 8)  # a new object
+    with pytest.raises(ValueError, match="1 ranks need 1 sigmas and 0 boundaries"):
+        apply_overrides(cfg, ["adaptor.ranks=16"])  # still validated, once, at the end
+    with pytest.raises(KeyError, match="'adaptor.k.x'"):
+        apply_overrides(cfg, ["adaptor.k.x=1"])
