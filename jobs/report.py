@@ -39,6 +39,7 @@ SELF_FULL = ("lora_diffusion", "full")  # the rows the paper's efficiency claims
 METHOD_COLUMNS = (
     ("gen. acc. (%)", "eval_accuracy", 100, "{:.1f}"),
     ("scoring acc. (%)", "eval_accuracy_scoring", 100, "{:.1f}"),
+    ("scoring AUC", "eval_auc_scoring", 1, "{:.3f}"),
     ("train loss", "train_loss", 1, "{:.3f}"),
     ("trainable (%)", "trainable_pct", 1, "{:.3f}"),
     ("steps", "steps", 1, "{:.0f}"),

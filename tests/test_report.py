@@ -19,8 +19,18 @@ from jobs.report import main  # noqa: E402
 EXP = "lora-diffusion/sst2"
 # (method, seed) -> final metrics, as Tracker.finish logs them
 TRAINING = {
-    ("lora_diffusion", 0): {"eval_accuracy": 0.80, "eval_accuracy_scoring": 0.86, "peak_mb": 900},
-    ("lora_diffusion", 1): {"eval_accuracy": 0.84, "eval_accuracy_scoring": 0.88, "peak_mb": 940},
+    ("lora_diffusion", 0): {
+        "eval_accuracy": 0.80,
+        "eval_accuracy_scoring": 0.86,
+        "peak_mb": 900,
+        "eval_auc_scoring": 0.91,
+    },
+    ("lora_diffusion", 1): {
+        "eval_accuracy": 0.84,
+        "eval_accuracy_scoring": 0.88,
+        "peak_mb": 940,
+        "eval_auc_scoring": 0.93,
+    },
     ("weight_lora", 0): {"eval_accuracy": 0.78, "eval_accuracy_scoring": 0.82},
     ("weight_lora", 1): {"eval_accuracy": 0.80, "eval_accuracy_scoring": 0.85},
     ("full", 0): {"eval_accuracy": 0.85, "eval_accuracy_scoring": 0.90},
@@ -129,6 +139,8 @@ def test_method_comparison_has_means_stds_n_and_relative_to_full(report):
         assert row["gen. acc. (%)"] == mean_std(metric_of(method, "eval_accuracy"))
         assert row["scoring acc. (%)"] == mean_std(metric_of(method, "eval_accuracy_scoring"))
         assert row["steps"] == "20"  # equal in every run: no ±
+        auc = "0.920 ± 0.014" if method == "lora_diffusion" else "—"  # older runs lack it
+        assert row["scoring AUC"] == auc
         full = statistics.fmean(metric_of("full", "eval_accuracy"))
         rel = 100 * statistics.fmean(metric_of(method, "eval_accuracy")) / full
         assert row["gen. acc. vs full (%)"] == f"{rel:.1f}"
