@@ -27,6 +27,12 @@ def parse_args(argv=None):
     p.add_argument("--task", default="sst2", help="one of: " + ", ".join(TASKS))
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate only N examples")
     p.add_argument("--eval-steps", type=int, default=None, help="sampling steps (default: T)")
+    p.add_argument(
+        "--eval-temperature",
+        type=float,
+        default=1.0,
+        help="generative eval: 1 samples the answer (Algorithm 1), 0 decodes greedily",
+    )
     p.add_argument("--scoring-num-t", type=int, default=8, help="t values for candidate scoring")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example")
     p.add_argument("--forgetting-blocks", type=int, default=64, help="corpus blocks; 0 skips")
@@ -64,6 +70,7 @@ def main(argv=None) -> dict:
         data_dir=a.data_dir,
         eval_limit=a.eval_limit,
         eval_steps=a.eval_steps,
+        eval_temperature=a.eval_temperature,
         scoring_num_t=a.scoring_num_t,
         max_length=a.max_length,
         forgetting_blocks=a.forgetting_blocks if a.adaptor else 0,

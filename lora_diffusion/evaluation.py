@@ -125,8 +125,10 @@ def generative_accuracy(
     seed: int = 0,
     max_length: int = 128,
     progress: bool = False,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
     """Sample each example's target region from its prompt and exact-match the label words.
+    `temperature` as in `sample` (1: Algorithm 1's ancestral sampling; 0: greedy decoding).
 
     The prompt is laid out as for training with the target region all [MASK] (the layout of
     `encode_prompt`); `sample` runs `steps` ancestral steps, default None = the task's target
@@ -151,7 +153,8 @@ def generative_accuracy(
     for batch in tqdm(batches, total=total, disable=not progress, desc=f"generate {task.name}"):
         target = batch["target_mask"]
         prompt_ids = batch["input_ids"].masked_fill(target, tokenizer.mask_token_id)
-        out = sample(denoiser, proc, sched, prompt_ids, batch["attention_mask"], target, steps, g)
+        out = sample(denoiser, proc, sched, prompt_ids, batch["attention_mask"], target, steps, g,
+                     temperature=temperature)  # fmt: skip
         calls["network_calls"] += out.network_calls
         calls["calls_saved"] += out.calls_saved
         for ids, tmask, attn, label in zip(

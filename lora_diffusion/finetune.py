@@ -47,6 +47,9 @@ class FinetuneConfig:
     train_limit: int | None = field(default=None, metadata={"help": "use N train examples"})
     eval_limit: int | None = field(default=None, metadata={"help": "evaluate N examples"})
     eval_steps: int | None = field(default=None, metadata={"help": "sampling steps; None: T"})
+    eval_temperature: float = field(
+        default=1.0, metadata={"help": "generative eval: 1 samples (Algorithm 1), 0 is greedy"}
+    )
     scoring_num_t: int = field(default=8, metadata={"help": "t values for candidate scoring"})
     forgetting_blocks: int = field(default=64, metadata={"help": "corpus blocks; 0 skips"})
     corpus_dir: str | None = field(default=None, metadata={"help": "default <data-dir>/corpus"})
@@ -60,6 +63,10 @@ class FinetuneConfig:
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=2e-3, max_steps=1000, batch_size=32, warmup_steps=50)
     )
+
+    def __post_init__(self) -> None:
+        if self.eval_temperature < 0:  # caught here, not after training
+            raise ValueError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
 
 
 @dataclass
@@ -270,6 +277,7 @@ def evaluate_all(cfg, model, base, tok, process, schedule, progress=False) -> di
     common = dict(process=cfg.diffusion.process, schedule=cfg.diffusion.schedule)
     gen = generative_accuracy(
         model, tok, cfg.task, eval_ds, steps=cfg.eval_steps, seed=cfg.train.seed,
+        temperature=cfg.eval_temperature,
         max_length=cfg.max_length, progress=progress, **common,
     )  # fmt: skip
     score = scoring_accuracy(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .corruption import ForwardProcess
 from .schedules import NoiseSchedule
@@ -53,6 +54,7 @@ def sample(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     cache: bool = True,
     return_trajectory: bool = False,
+    temperature: float = 1.0,
 ) -> SampleOutput:
     """Sample the target positions of a batch from t = 1 to 0 in `steps` equal steps.
 
@@ -63,10 +65,14 @@ def sample(
     row too (with one generator per row): each row then follows its own time grid in one
     pass of max(steps) network calls, each over the rows still sampling (a denoiser that
     keeps per-row state is told which rows a call holds through its `select_rows(idx)`).
+    `temperature` scales the logits of p(x0 | x_t); 0 takes their argmax (greedy decoding: the
+    positions still unmask at random, each to its most likely token).
     """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     if isinstance(steps, Sequence):
         return _sample_rows(denoiser, process, schedule, input_ids, attention_mask, target_mask,
-                            list(steps), generator)  # fmt: skip
+                            list(steps), generator, temperature)  # fmt: skip
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     per_row = isinstance(generator, Sequence)
@@ -83,7 +89,7 @@ def sample(
         if probs is None or not (reusable and torch.equal(x, prev)):
             tt = torch.full((x.shape[0],), t, device=x.device)
             h = denoiser.hidden_states(x, attention_mask, tt, condition_mask=cond_mask)
-            probs = _x0_probs(denoiser.output_head(h[target_mask]), process)  # (N, V)
+            probs = _x0_probs(denoiser.output_head(h[target_mask]), process, temperature)
             out.network_calls += 1
         else:
             out.calls_saved += 1
@@ -106,7 +112,7 @@ def sample(
 
 
 def _sample_rows(denoiser, process, schedule, input_ids, attention_mask, target_mask, steps,
-                 generators) -> SampleOutput:  # fmt: skip
+                 generators, temperature=1.0) -> SampleOutput:  # fmt: skip
     """`sample` with per-row step counts: row r steps through t = (S_r - k) / S_r, k < S_r."""
     b = input_ids.shape[0]
     if len(steps) != b or min(steps) < 1:
@@ -127,7 +133,7 @@ def _sample_rows(denoiser, process, schedule, input_ids, attention_mask, target_
         tt = torch.tensor(t, device=x.device, dtype=torch.float32)
         xs, tm = x[idx], target_mask[idx]
         h = denoiser.hidden_states(xs, attention_mask[idx], tt, condition_mask=cond_mask[idx])
-        probs = _x0_probs(denoiser.output_head(h[tm]), process)  # (N, V)
+        probs = _x0_probs(denoiser.output_head(h[tm]), process, temperature)  # (N, V)
         out.network_calls += 1
         alpha = lambda u: float(schedule.alpha(torch.tensor(u))) if u > 0 else 1.0
         xs = xs.clone()
@@ -150,8 +156,13 @@ def _posterior_rows(process, x, target_mask, probs, alphas_t, alphas_s, generato
     return torch.cat([process.posterior_step(*part) for part in parts])
 
 
-def _x0_probs(logits: torch.Tensor, process: ForwardProcess) -> torch.Tensor:
-    """p(x0 | x_t) over the vocabulary, never the mask token: (N, V) -> (N, V)."""
+def _x0_probs(
+    logits: torch.Tensor, process: ForwardProcess, temperature: float = 1.0
+) -> torch.Tensor:
+    """p(x0 | x_t) over the vocabulary, never the mask token: (N, V) -> (N, V); at
+    `temperature` 0 a one-hot on the most likely token."""
     logits = logits.float()
     logits[..., process.mask_token_id] = float("-inf")
-    return logits.softmax(-1)
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return (logits / temperature).softmax(-1)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lora_diffusion.corpus import block_batch
@@ -106,3 +107,38 @@ def test_per_row_step_counts_match_each_row_sampled_alone(tiny_model):
                        torch.Generator().manual_seed(i + 1)).tokens  # fmt: skip
         assert torch.equal(out.tokens[i], alone[0])
     assert not (out.tokens[target] == tiny_model.mask_token_id).any()  # every row finished
+
+
+def test_temperature_zero_decodes_greedily(tiny_model, tiny_tokenizer):
+    """One step unmasks every position at once: at temperature 0 each takes the argmax of
+    p(x0 | x_1) (the mask token excluded), whatever the seed; at 1 the seed matters."""
+    tok = tiny_tokenizer
+    ids, attn, target = prompt_batch(tok)
+    proc, sched = get_process("absorbing", len(tok), tok.mask_token_id), get_schedule("loglinear")
+    outs = [
+        sample(
+            tiny_model,
+            proc,
+            sched,
+            ids,
+            attn,
+            target,
+            1,
+            torch.Generator().manual_seed(s),
+            temperature=0.0,
+        ).tokens  # fmt: skip
+        for s in (0, 1)
+    ]
+    x = ids.masked_fill(target, tok.mask_token_id)
+    with torch.no_grad():
+        h = tiny_model.hidden_states(x, attn, torch.ones(3), condition_mask=~target)
+        logits = tiny_model.output_head(h[target])
+    logits[:, tok.mask_token_id] = float("-inf")
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0][target], logits.argmax(-1))
+    hot = [
+        sample(tiny_model, proc, sched, ids, attn, target, 1, torch.Generator().manual_seed(s))
+        for s in (0, 1)
+    ]
+    assert not torch.equal(hot[0].tokens, hot[1].tokens)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        sample(tiny_model, proc, sched, ids, attn, target, 1, temperature=-1.0)
