@@ -248,15 +248,13 @@ def scoring_accuracy(
 
 
 def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
-    """ROC AUC of `scores` (higher: more likely positive) against the bool `positive`: the
-    chance that a random positive outscores a random negative, ties counting half (the
-    Mann-Whitney statistic). None when one class is absent."""
-    pos, neg = scores[positive].double(), scores[~positive].double()
-    if len(pos) == 0 or len(neg) == 0:
+    """ROC AUC of `scores` (higher: more likely positive) against the bool `positive`
+    (scikit-learn's); None when one class is absent."""
+    from sklearn.metrics import roc_auc_score
+
+    if bool(positive.all()) or not bool(positive.any()):
         return None
-    greater = (pos[:, None] > neg[None, :]).double().sum()
-    ties = (pos[:, None] == neg[None, :]).double().sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+    return float(roc_auc_score(positive.numpy(), scores.double().numpy()))
 
 
 def candidate_losses(
