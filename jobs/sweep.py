@@ -166,11 +166,12 @@ def trial(params: dict, base_cfg: FinetuneConfig, sweep: dict) -> None:
     logger = TrialRun(sweep.get("tracking"), f"{sweep['name']}-{trial_id}", params, cfg)
 
     last_eval: dict = {}
+    scored = "val_" if cfg.holdout else "eval_"  # the split periodic evaluation scores
 
     def report(step, m):
         logger.log_metrics(step, m)
-        if "eval_gold_loss" in m:
-            last_eval.update({k: v for k, v in m.items() if k.startswith("eval_")})
+        if f"{scored}gold_loss" in m:
+            last_eval.update({k: v for k, v in m.items() if k.startswith(scored)})
             tune.report({**_scalars(m), "step": step, "mlflow_run_id": logger.run_id})
 
     try:
@@ -274,13 +275,22 @@ def parse_args(argv=None):
     p.add_argument("--train-limit", type=int, default=None, help="use only N train examples")
     p.add_argument("--eval-limit", type=int, default=200, help="eval examples per trial")
     p.add_argument("--eval-every", type=int, default=50, help="steps between trial reports")
-    p.add_argument("--metric", default="eval_accuracy_scoring", help="what ranks trials")
+    p.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        help="hold out the last N train rows, never trained on: trials report and ASHA stops on "
+        "their val_* scores, and --metric defaults to val_accuracy_scoring (0: the eval split's)",
+    )
+    p.add_argument("--metric", default=None,
+                   help="what ranks trials (default eval_accuracy_scoring, with --holdout "
+                   "val_accuracy_scoring)")  # fmt: skip
     p.add_argument("--mode", choices=("max", "min"), default=None, help="default: the space's")
     p.add_argument(
         "--scheduler",
         choices=("asha", "none"),
         default="asha",
-        help="asha: stop trials whose eval_gold_loss trails at a rung",
+        help="asha: stop trials whose gold-label loss (eval_ or val_gold_loss) trails at a rung",
     )
     p.add_argument(
         "--grace-period",
@@ -316,6 +326,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    a.metric = a.metric or ("val_accuracy_scoring" if a.holdout else "eval_accuracy_scoring")
     if a.task not in TASKS:
         fail(f"unknown task {a.task!r}; known: {', '.join(TASKS)}")
     space = load_space(a.space)
@@ -324,7 +335,7 @@ def main(argv=None) -> dict:
     base_cfg = FinetuneConfig(
         base=os.path.abspath(a.base) if os.path.exists(a.base) else a.base,
         output_dir=a.output_dir, task=a.task, method=a.method, data_dir=a.data_dir,
-        train_limit=a.train_limit, eval_limit=a.eval_limit,
+        train_limit=a.train_limit, eval_limit=a.eval_limit, holdout=a.holdout,
     )  # fmt: skip
     train = dataclasses.replace(
         base_cfg.train, lr=DEFAULT_LR.get(a.method, base_cfg.train.lr), batch_size=a.batch_size,
@@ -366,7 +377,7 @@ def main(argv=None) -> dict:
         if parent:
             _end_parent(uri, parent, "FAILED")
         raise
-    rows = _table_rows(results, space, a.metric)
+    rows = _table_rows(results, space, a.metric, _gold_loss(base_cfg))
     out = Path(a.output_dir)
     table = _markdown(rows, a.metric, name, a, time.perf_counter() - start)
     (out / "table.md").write_text(table)
@@ -413,7 +424,7 @@ def _run_tuner(a, space, name, mode, base_cfg, concurrent, parent):
     scheduler = None
     if a.scheduler == "asha":
         scheduler = ASHAScheduler(
-            time_attr="step", metric="eval_gold_loss", mode="min",
+            time_attr="step", metric=_gold_loss(base_cfg), mode="min",
             # max_t past the last step: the last evaluation is no stop, the final report follows
             max_t=base_cfg.train.max_steps + 1,
             grace_period=a.grace_period or 2 * a.eval_every,
@@ -436,7 +447,13 @@ def _run_tuner(a, space, name, mode, base_cfg, concurrent, parent):
     return tuner.fit()
 
 
-def _table_rows(results, space, metric) -> list[dict]:
+def _gold_loss(cfg) -> str:
+    """The smooth score periodic evaluation reports: on the held-out train rows, or the eval
+    split's."""
+    return "val_gold_loss" if cfg.holdout else "eval_gold_loss"
+
+
+def _table_rows(results, space, metric, gold_loss) -> list[dict]:
     rows = []
     for r in results:
         m = r.metrics or {}
@@ -444,7 +461,7 @@ def _table_rows(results, space, metric) -> list[dict]:
             "trial_id": m.get("trial_id") or os.path.basename(r.path),
             "params": {k: m.get("config", {}).get(k, r.config.get(k)) for k in space["params"]},
             "score": m.get(metric),
-            "eval_gold_loss": m.get("eval_gold_loss"),
+            "gold_loss": m.get(gold_loss),
             "trainable_params": m.get("trainable_params"),
             "trainable_pct": m.get("trainable_pct"),
             "train_seconds": m.get("train_seconds"),
@@ -471,15 +488,17 @@ def _fmt(v, spec="{:.4f}"):
 def _markdown(rows, metric, name, a, seconds) -> str:
     done = [r["train_seconds"] for r in rows if r["finished"] and r["train_seconds"]]
     fastest = min(done) if done else None
+    split = "val" if a.holdout else "eval"
+    scored = f"{a.holdout} held-out train rows" if a.holdout else f"{a.eval_limit} eval examples"
     lines = [
         f"# Sweep `{name}`: task {a.task}, method {a.method}",
         "",
         f"Command: `python jobs/sweep.py {' '.join(sys.argv[1:])}`  ",
-        f"Wall time: {seconds:.0f} s. Score: `{metric}` on {a.eval_limit} eval examples "
-        "(candidate scoring); stopped trials show the score at their last evaluation.",
+        f"Wall time: {seconds:.0f} s. Score: `{metric}` on {scored} (candidate scoring); "
+        "stopped trials show the score at their last evaluation.",
         "",
-        "| config | score | eval gold loss | trainable (M) | trainable (%) | rel. train time | "
-        "steps | status |",
+        f"| config | score | {split} gold loss | trainable (M) | trainable (%) | rel. train time "
+        "| steps | status |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in sorted(rows, key=lambda r: json.dumps(r["params"], default=str)):
@@ -488,7 +507,7 @@ def _markdown(rows, metric, name, a, seconds) -> str:
         status = "done" if r["finished"] else ("error" if r["error"] else "stopped (ASHA)")
         tp = None if r["trainable_params"] is None else r["trainable_params"] / 1e6
         lines.append(
-            f"| {cfg} | {_fmt(r['score'])} | {_fmt(r['eval_gold_loss'])} | {_fmt(tp, '{:.3f}')} "
+            f"| {cfg} | {_fmt(r['score'])} | {_fmt(r['gold_loss'])} | {_fmt(tp, '{:.3f}')} "
             f"| {_fmt(r['trainable_pct'], '{:.2f}')} | {_fmt(rel, '{:.2f}')} | "
             f"{_fmt(r['steps'], '{}')} | {status} |"
         )

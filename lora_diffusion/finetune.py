@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,6 +47,14 @@ class FinetuneConfig:
     max_length: int = field(default=128, metadata={"help": "tokens per example"})
     train_limit: int | None = field(default=None, metadata={"help": "use N train examples"})
     eval_limit: int | None = field(default=None, metadata={"help": "evaluate N examples"})
+    holdout: int = field(
+        default=0,
+        metadata={
+            "help": "hold out the last N train rows (never trained on) as a validation set: "
+            "periodic evaluation and val_* results score it; 0: periodic evaluation scores the "
+            "eval split"
+        },
+    )
     eval_steps: int | None = field(default=None, metadata={"help": "sampling steps; None: T"})
     eval_temperature: float = field(
         default=1.0, metadata={"help": "generative eval: 1 samples (Algorithm 1), 0 is greedy"}
@@ -67,6 +76,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.eval_temperature < 0:  # caught here, not after training
             raise ValueError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
+        if self.holdout < 0:
+            raise ValueError(f"holdout must be >= 0 train rows, got {self.holdout}")
 
 
 @dataclass
@@ -142,9 +153,8 @@ def finetune(
     bundle = METHODS.get(cfg.method)(cfg, base)
     model = bundle.model
     base = base if bundle.reference is None else bundle.reference
-    train_ds = tokenize_task(
-        cfg.task, "train", tok, cfg.max_length, cfg.data_dir, cfg.cache_dir, cfg.train_limit
-    ).with_format("python")
+    train_ds, val_ds = train_and_holdout(cfg, tok)
+    train_ds = train_ds.with_format("python")
     process = get_process(cfg.diffusion.process, len(tok), tok.mask_token_id)
     schedule = get_schedule(cfg.diffusion.schedule, cfg.diffusion.eps)
     sampler = StepSampler(len(train_ds), cfg.train.batch_size, cfg.train.seed)
@@ -168,7 +178,7 @@ def finetune(
 
     checkpoint = checkpoint_callback(model, out_dir, dist, checkpoint_hook)
     lead = dist.rank == 0
-    periodic = _periodic_eval(cfg, model, tok) if lead and cfg.train.eval_every else None
+    periodic = _periodic_eval(cfg, model, tok, val_ds) if lead and cfg.train.eval_every else None
     state = fit(
         model, loss_fn, get_batch, cfg.train, periodic, report=report if lead else None,
         checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every or cfg.train.max_steps,
@@ -195,6 +205,8 @@ def finetune(
     if bundle.describe is not None:
         result.update(_describe(bundle.describe(), out_dir, cfg.task))
     result.update(evaluate_all(cfg, model, base, tok, process, schedule, progress))
+    if val_ds is not None:
+        result.update(validate(cfg, model, tok, val_ds, "val"), val_n=len(val_ds))
     result.update(adaptor_dir=str(out_dir / "adaptor"), seconds=time.perf_counter() - start)
     _write_results(out_dir, result, state.history, cfg)
     return result
@@ -210,26 +222,57 @@ def _peak_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _periodic_eval(cfg: FinetuneConfig, model: nn.Module, tok) -> Callable[[], dict]:
-    """Every `train.eval_every` steps: candidate scoring on the eval split (`eval_limit`
-    examples): accuracy and the gold label's denoising loss (a smooth score for early stopping).
+def train_and_holdout(cfg: FinetuneConfig, tok) -> tuple[Any, Any | None]:
+    """The rows to train on and the held-out validation rows (None without `cfg.holdout`).
+
+    The validation rows are the last `cfg.holdout` rows of the task's train split; training
+    uses the first `cfg.train_limit` (default: all) of the rows before them, so the two never
+    share a row. Choosing a learning rate or a trial on them leaves the eval split unseen.
     """
+    args = (cfg.task, "train", tok, cfg.max_length, cfg.data_dir, cfg.cache_dir)
+    if not cfg.holdout:
+        return tokenize_task(*args, cfg.train_limit), None
+    full = tokenize_task(*args)
+    n = len(full) - cfg.holdout
+    if n < 1:
+        raise ValueError(
+            f"holdout={cfg.holdout} leaves no rows to train on: the {cfg.task} train split has "
+            f"{len(full)}"
+        )
+    keep = n if cfg.train_limit is None else min(cfg.train_limit, n)
+    return full.select(range(keep)), full.select(range(n, len(full)))
+
+
+def validate(cfg: FinetuneConfig, model: nn.Module, tok, dataset, prefix: str) -> dict:
+    """Candidate scoring of `dataset`: `{prefix}_accuracy_scoring`, `{prefix}_gold_loss` (the
+    gold label's denoising loss: a smooth score for early stopping) and, for two-label tasks,
+    `{prefix}_auc_scoring`."""
     from .evaluation import scoring_accuracy
 
+    model.eval()
+    out = scoring_accuracy(
+        model, tok, cfg.task, dataset, process=cfg.diffusion.process,
+        schedule=cfg.diffusion.schedule, num_t=cfg.scoring_num_t, seed=cfg.train.seed,
+        max_length=cfg.max_length,
+    )  # fmt: skip
+    result = {
+        f"{prefix}_accuracy_scoring": out["accuracy"],
+        f"{prefix}_gold_loss": out["gold_loss"],
+    }
+    if out.get("auc") is not None:
+        result[f"{prefix}_auc_scoring"] = out["auc"]
+    return result
+
+
+def _periodic_eval(cfg: FinetuneConfig, model: nn.Module, tok, val_ds) -> Callable[[], dict]:
+    """Every `train.eval_every` steps: `validate` on the held-out train rows (`val_*` keys), or
+    without a holdout on the eval split (`eval_limit` examples, `eval_*` keys)."""
+    if val_ds is not None:
+        return lambda: validate(cfg, model, tok, val_ds, "val")
     eval_ds = tokenize_task(
         cfg.task, "eval", tok, cfg.max_length, cfg.data_dir, cfg.cache_dir, cfg.eval_limit
     )
-
-    def evaluate() -> dict:
-        model.eval()
-        out = scoring_accuracy(
-            model, tok, cfg.task, eval_ds, process=cfg.diffusion.process,
-            schedule=cfg.diffusion.schedule, num_t=cfg.scoring_num_t, seed=cfg.train.seed,
-            max_length=cfg.max_length,
-        )  # fmt: skip
-        return {"eval_accuracy_scoring": out["accuracy"], "eval_gold_loss": out["gold_loss"]}
-
-    return evaluate
+    return lambda: validate(cfg, model, tok, eval_ds, "eval")
 
 
 def _convergence(history: list[dict]) -> int | None:

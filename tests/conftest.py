@@ -90,6 +90,9 @@ def ray_cluster(tmp_path_factory):
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     ray = Path(sys.executable).with_name("ray")
+    # token auth needs a token before `ray start`; only ray.init makes one by itself, so on a
+    # fresh machine a session whose first Ray use is this cluster would fail to start it
+    subprocess.run([str(ray), "get-auth-token", "--generate"], check=True, capture_output=True)
     port, dash = _free_port(), _free_port()
     log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")  # noqa: SIM115
     head = subprocess.Popen(

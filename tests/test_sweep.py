@@ -118,18 +118,23 @@ def test_a_two_trial_sweep_logs_nested_runs_and_registers_the_best(
 
 def test_asha_stops_a_bad_trial_early(ray_cluster, base, data_dir, tmp_path):
     # lr 1e-12 cannot move the gold label's loss; the good trial runs first (grid order, one
-    # at a time), so at the first rung the bad one trails and is stopped
+    # at a time), so at the first rung the bad one trails and is stopped. Trials report on
+    # held-out train rows (--holdout): ASHA reads val_gold_loss, the score is val_accuracy_scoring
     path = space(tmp_path, "params:\n  train.lr:\n    grid: [0.01, 1.0e-12]\nfixed:\n"
                            "  adaptor.ranks: [4, 4, 4]\n")  # fmt: skip
     out = tmp_path / "out"
     result = last_json(sweep(
         base, data_dir, "--space", path, "--output-dir", str(out), "--max-steps", "16",
         "--eval-every", "4", "--grace-period", "4", "--max-concurrent", "1", "--no-tracking",
+        "--holdout", "16",
     ).stdout)  # fmt: skip
     rows = {r["params"]["train.lr"]: r for r in json.loads((out / "trials.json").read_text())}
     assert rows[0.01]["finished"] and rows[0.01]["steps"] == 16
     assert not rows[1e-12]["finished"] and rows[1e-12]["steps"] < 16
-    assert result["stopped_early"] == 1 and "stopped (ASHA)" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert result["stopped_early"] == 1 and "stopped (ASHA)" in table
+    assert result["metric"] == "val_accuracy_scoring" and "on 16 held-out train rows" in table
+    assert rows[0.01]["gold_loss"] < rows[1e-12]["gold_loss"]  # the val_gold_loss ASHA read
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
