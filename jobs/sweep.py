@@ -140,6 +140,15 @@ def tune_space(space: dict) -> dict:
     return out
 
 
+def space_metric(space: dict, holdout: int) -> str:
+    """The space's `metric` (default eval_accuracy_scoring), scored where the trials report:
+    with held-out train rows its `eval_` becomes `val_`."""
+    metric = space.get("metric") or "eval_accuracy_scoring"
+    if holdout and metric.startswith("eval_"):
+        return "val_" + metric.removeprefix("eval_")
+    return metric
+
+
 # ---- the trial --------------------------------------------------------------------------------
 
 
@@ -283,8 +292,8 @@ def parse_args(argv=None):
         "their val_* scores, and --metric defaults to val_accuracy_scoring (0: the eval split's)",
     )
     p.add_argument("--metric", default=None,
-                   help="what ranks trials (default eval_accuracy_scoring, with --holdout "
-                   "val_accuracy_scoring)")  # fmt: skip
+                   help="what ranks trials (default: the space's metric, else "
+                   "eval_accuracy_scoring; with --holdout its val_ version)")  # fmt: skip
     p.add_argument("--mode", choices=("max", "min"), default=None, help="default: the space's")
     p.add_argument(
         "--scheduler",
@@ -326,10 +335,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    a.metric = a.metric or ("val_accuracy_scoring" if a.holdout else "eval_accuracy_scoring")
     if a.task not in TASKS:
         fail(f"unknown task {a.task!r}; known: {', '.join(TASKS)}")
     space = load_space(a.space)
+    a.metric = a.metric or space_metric(space, a.holdout)
     name = a.name or space["name"]
     mode = a.mode or space.get("mode", "max")
     base_cfg = FinetuneConfig(

@@ -167,3 +167,13 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
         assert (out / "trials" / name / "metrics.json").stat().st_mtime == mtime
     assert len(list((out / "trials").glob("*/metrics.json"))) == 3
     assert Path(out / "table.md").is_file()
+
+
+def test_the_space_metric_ranks_trials_on_the_split_they_report():
+    from jobs.sweep import space_metric
+
+    assert space_metric({}, 0) == "eval_accuracy_scoring"
+    assert space_metric({"metric": "eval_gold_loss"}, 0) == "eval_gold_loss"
+    assert space_metric({"metric": "eval_gold_loss"}, 100) == "val_gold_loss"
+    assert space_metric({}, 100) == "val_accuracy_scoring"
+    assert space_metric({"metric": "train_loss"}, 100) == "train_loss"
