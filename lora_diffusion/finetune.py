@@ -311,7 +311,7 @@ def _size_report(model: nn.Module, base: nn.Module, adaptor_dir: Path) -> dict:
 
 def evaluate_all(cfg, model, base, tok, process, schedule, progress=False) -> dict:
     """Generative and scoring accuracy on the eval split, forgetting on held-out corpus."""
-    from .evaluation import forgetting, generative_accuracy, scoring_accuracy
+    from .evaluation import forgetting, generative_accuracy
 
     model.eval()
     eval_ds = tokenize_task(
@@ -323,14 +323,10 @@ def evaluate_all(cfg, model, base, tok, process, schedule, progress=False) -> di
         temperature=cfg.eval_temperature,
         max_length=cfg.max_length, progress=progress, **common,
     )  # fmt: skip
-    score = scoring_accuracy(
-        model, tok, cfg.task, eval_ds, num_t=cfg.scoring_num_t, seed=cfg.train.seed, **common
-    )
     result = {
         "eval_accuracy": gen["accuracy"],
         "eval_valid_rate": gen["valid_rate"],
-        "eval_accuracy_scoring": score["accuracy"],
-        **({"eval_auc_scoring": score["auc"]} if score.get("auc") is not None else {}),
+        **validate(cfg, model, tok, eval_ds, "eval"),
         "eval_n": gen["n"],
         "eval_network_calls": gen["network_calls"],
         "eval_calls_saved": gen["calls_saved"],
