@@ -144,13 +144,9 @@ def main(argv=None) -> list[dict]:
 def best_per_method(runs: list[dict], split: str) -> list[dict]:
     """Per method (in first-seen order), the run with the best `{split}_accuracy_scoring`,
     ties broken by the lower `{split}_gold_loss`."""
-    best: dict[str, dict] = {}
-    for r in runs:
-        key = (r[f"{split}_accuracy_scoring"], -r[f"{split}_gold_loss"])
-        kept = best.get(r["method"])
-        if kept is None or key > (kept[f"{split}_accuracy_scoring"], -kept[f"{split}_gold_loss"]):
-            best[r["method"]] = r
-    return list(best.values())
+    score = lambda r: (r[f"{split}_accuracy_scoring"], -r[f"{split}_gold_loss"])
+    methods = dict.fromkeys(r["method"] for r in runs)
+    return [max((r for r in runs if r["method"] == m), key=score) for m in methods]
 
 
 def _plot(runs: list[dict], path: Path, holdout: bool) -> None:

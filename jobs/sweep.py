@@ -175,7 +175,7 @@ def trial(params: dict, base_cfg: FinetuneConfig, sweep: dict) -> None:
     logger = TrialRun(sweep.get("tracking"), f"{sweep['name']}-{trial_id}", params, cfg)
 
     last_eval: dict = {}
-    scored = "val_" if cfg.holdout else "eval_"  # the split periodic evaluation scores
+    scored = f"{cfg.scored_split}_"  # the split periodic evaluation scores
 
     def report(step, m):
         logger.log_metrics(step, m)
@@ -459,7 +459,7 @@ def _run_tuner(a, space, name, mode, base_cfg, concurrent, parent):
 def _gold_loss(cfg) -> str:
     """The smooth score periodic evaluation reports: on the held-out train rows, or the eval
     split's."""
-    return "val_gold_loss" if cfg.holdout else "eval_gold_loss"
+    return f"{cfg.scored_split}_gold_loss"
 
 
 def _table_rows(results, space, metric, gold_loss) -> list[dict]:

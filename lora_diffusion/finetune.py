@@ -79,6 +79,12 @@ class FinetuneConfig:
         if self.holdout < 0:
             raise ValueError(f"holdout must be >= 0 train rows, got {self.holdout}")
 
+    @property
+    def scored_split(self) -> str:
+        """The prefix of what periodic evaluation reports: `val` (held-out train rows) or
+        `eval`."""
+        return "val" if self.holdout else "eval"
+
 
 @dataclass
 class MethodBundle:
@@ -267,12 +273,11 @@ def validate(cfg: FinetuneConfig, model: nn.Module, tok, dataset, prefix: str) -
 def _periodic_eval(cfg: FinetuneConfig, model: nn.Module, tok, val_ds) -> Callable[[], dict]:
     """Every `train.eval_every` steps: `validate` on the held-out train rows (`val_*` keys), or
     without a holdout on the eval split (`eval_limit` examples, `eval_*` keys)."""
-    if val_ds is not None:
-        return lambda: validate(cfg, model, tok, val_ds, "val")
-    eval_ds = tokenize_task(
-        cfg.task, "eval", tok, cfg.max_length, cfg.data_dir, cfg.cache_dir, cfg.eval_limit
-    )
-    return lambda: validate(cfg, model, tok, eval_ds, "eval")
+    dataset = val_ds
+    if dataset is None:
+        args = (cfg.task, "eval", tok, cfg.max_length, cfg.data_dir, cfg.cache_dir)
+        dataset = tokenize_task(*args, cfg.eval_limit)
+    return lambda: validate(cfg, model, tok, dataset, cfg.scored_split)
 
 
 def _convergence(history: list[dict]) -> int | None:
