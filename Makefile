@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
-.PHONY: setup demo test lint experiments experiments-quick
+.PHONY: setup demo test lint bases experiments experiments-quick
 
 setup:
 	bash scripts/setup.sh
@@ -16,10 +16,22 @@ test: setup
 lint:
 	. .venv/bin/activate && ruff check lora_diffusion jobs tests && ruff format --check lora_diffusion jobs tests
 
-# The paper's experiments on the small base, then docs/RESULTS.md (see README: jobs/experiments.py).
-BASE ?= runs/base-small2/model
-experiments:
-	. .venv/bin/activate && python jobs/experiments.py --base $(BASE)
+# The paper's experiments on the small base and a tiny one (Table 12), then docs/RESULTS.md
+# (see README: jobs/experiments.py). The bases are pretrained first when missing.
+BASE ?= runs/base-tapt/model
+TINY ?= runs/base-tiny/model
+TASK_TEXT = --task-text sst2,cola,trec,agnews --task-text-repeat 2
 
-experiments-quick:
-	. .venv/bin/activate && python jobs/experiments.py --base $(BASE) --quick
+runs/base-tapt/model/config.json:
+	. .venv/bin/activate && python jobs/pretrain.py --preset small --output-dir runs/base-tapt --max-steps 3500 --eval-every 500 $(TASK_TEXT) --no-ray --threads 2
+
+runs/base-tiny/model/config.json: runs/base-tapt/model/config.json
+	. .venv/bin/activate && python jobs/pretrain.py --preset tiny --tokenizer runs/base-tapt/model --output-dir runs/base-tiny --max-steps 1500 --eval-every 500 $(TASK_TEXT) --no-ray --threads 2
+
+bases: runs/base-tapt/model/config.json runs/base-tiny/model/config.json
+
+experiments: bases
+	. .venv/bin/activate && python jobs/experiments.py --base $(BASE) --bases $(TINY)
+
+experiments-quick: runs/base-tapt/model/config.json
+	. .venv/bin/activate && python jobs/experiments.py --base $(BASE) --quick --output-dir runs/experiments-quick

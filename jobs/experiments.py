@@ -1,7 +1,9 @@
 """Run the paper's experiments on one base, tracked in MLflow, then rebuild the report.
 
-    python jobs/experiments.py --base runs/base-small2/model                # the full set
-    python jobs/experiments.py --base runs/base-small2/model --quick        # 19 min measured
+    python jobs/experiments.py --base runs/base-tapt/model --quick   # the quick set
+    python jobs/experiments.py --base runs/base-tapt/model --bases runs/base-tiny/model  # all
+
+(`make experiments` pretrains both bases first when they are missing.)
 
 Stages (--stages, run in this order; default: all of them):
   methods    every method x every seed on --task: Tables 5/6/7/8/9, loss curves, Figure 1
