@@ -343,7 +343,8 @@ def main(argv=None) -> dict:
     mode = a.mode or space.get("mode", "max")
     base_cfg = FinetuneConfig(
         base=os.path.abspath(a.base) if os.path.exists(a.base) else a.base,
-        output_dir=a.output_dir, task=a.task, method=a.method, data_dir=a.data_dir,
+        output_dir=a.output_dir, task=a.task, method=a.method,
+        data_dir=os.path.abspath(a.data_dir),  # trials run in their own working directories
         train_limit=a.train_limit, eval_limit=a.eval_limit, holdout=a.holdout,
     )  # fmt: skip
     train = dataclasses.replace(

@@ -57,8 +57,25 @@ def parse_tags(items: list[str]) -> dict[str, str]:
 
 
 def tracking_uri(flag: str | None) -> str:
-    """The flag, else $MLFLOW_TRACKING_URI, else the embedded SQLite store in the cwd."""
-    return flag or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """The flag, else $MLFLOW_TRACKING_URI, else the embedded SQLite store in the cwd; a
+    relative SQLite or file-store path is made absolute here, in the process that was given
+    it: Ray Tune runs each trial in its own working directory, where the same relative path
+    would name a new, empty store (the trials' runs would land there, out of sight)."""
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return absolute_uri(uri)
+
+
+def absolute_uri(uri: str) -> str:
+    """`sqlite:///runs/x.db` -> `sqlite:////<cwd>/runs/x.db`, `./mlruns` -> `/<cwd>/mlruns`;
+    absolute paths, servers and databases unchanged."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+        if path and path != ":memory:" and not path.startswith("/"):
+            return f"sqlite:///{Path(path).resolve()}"
+        return uri
+    if "://" not in uri and not uri.startswith(("file:", "databricks")) and not os.path.isabs(uri):
+        return str(Path(uri).resolve())  # a local file store given as a plain path
+    return uri
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:

@@ -3,6 +3,7 @@ base: a 2-trial sweep logs nested runs and registers the best; ASHA stops a bad 
 an interrupted sweep resumes; bad spaces fail before any trial."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -90,10 +91,14 @@ def test_a_two_trial_sweep_logs_nested_runs_and_registers_the_best(
     path = space(tmp_path, "params:\n  adaptor.k:\n    grid: [1, 2]\nfixed:\n"
                            "  adaptor.ranks: [4, 4, 4]\n")  # fmt: skip
     out = tmp_path / "out"
+    # the store and the data named relative to the job's cwd (the repo), as `make experiments`
+    # does: Tune runs trials in their own working directories, where a relative path would
+    # name another, empty store and the trials' runs would be lost to this one
+    rel = os.path.relpath(tmp_path / "mlflow.db", REPO)
     result = last_json(sweep(
-        base, data_dir, "--space", path, "--output-dir", str(out), "--max-steps", "8",
-        "--eval-every", "4", "--tracking-uri", uri, "--register", "tiny-sst2", "--name", "ks",
-        "--scheduler", "none",
+        base, os.path.relpath(data_dir, REPO), "--space", path, "--output-dir", str(out),
+        "--max-steps", "8", "--eval-every", "4", "--tracking-uri", f"sqlite:///{rel}",
+        "--register", "tiny-sst2", "--name", "ks", "--scheduler", "none",
     ).stdout)  # fmt: skip
     assert result["trials"] == 2 and result["finished"] == 2
     client = mlflow.MlflowClient(uri)

@@ -205,3 +205,16 @@ def test_train_run_logs_to_a_real_mlflow_server(base, tmp_path, data_dir, ray_cl
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its worker, by our PID
         server.wait(timeout=30)
+
+
+def test_relative_store_paths_are_made_absolute_where_they_are_given(tmp_path, monkeypatch):
+    from jobs.tracking import tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri("sqlite:///runs/x.db") == f"sqlite:///{tmp_path.resolve()}/runs/x.db"
+    assert tracking_uri("mlruns") == str(tmp_path.resolve() / "mlruns")
+    assert tracking_uri(None) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    for unchanged in ("sqlite:////abs/x.db", "http://127.0.0.1:5000", "databricks",
+                      "postgresql://u@h/db", "file:///abs/mlruns"):  # fmt: skip
+        assert tracking_uri(unchanged) == unchanged
