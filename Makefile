@@ -31,7 +31,7 @@ runs/base-tiny/model/config.json: runs/base-tapt/model/config.json
 bases: runs/base-tapt/model/config.json runs/base-tiny/model/config.json
 
 experiments: bases
-	. .venv/bin/activate && python jobs/experiments.py --base $(BASE) --bases $(TINY)
+	. .venv/bin/activate && python jobs/experiments.py --base $(BASE) --bases $(TINY) --output-dir runs/experiments --tracking-uri sqlite:///runs/experiments/mlflow.db
 
 experiments-quick: runs/base-tapt/model/config.json
-	. .venv/bin/activate && python jobs/experiments.py --base $(BASE) --quick --output-dir runs/experiments-quick
+	. .venv/bin/activate && python jobs/experiments.py --base $(BASE) --quick --output-dir runs/experiments-quick --tracking-uri sqlite:///runs/experiments-quick/mlflow.db
