@@ -213,6 +213,9 @@ def stage_ablations(r: Runner) -> None:
         argv = ["--space", str(root / f"{space}.yaml"), "--task", a.task, "--base", a.base,
                 "--output-dir", str(out), "--max-steps", str(a.max_steps), "--eval-limit",
                 str(a.eval_limit), "--scheduler", "none", "--json",
+                # no early stopping, so one evaluation at the end (sweep.py's default of
+                # every 50 steps would evaluate each trial 8 times at the full scale)
+                "--eval-every", str(a.max_steps),
                 *r.common("ablations")]  # fmt: skip
         for o in a.overrides:
             argv += ["--set", o]

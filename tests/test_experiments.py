@@ -96,6 +96,33 @@ def test_a_rerun_skips_finished_jobs_and_logs_nothing_new(done):
     assert len(client.search_runs([exp], max_results=500)) == before
 
 
+def test_the_ablations_stage_lands_every_trial_in_the_relative_store_it_was_given(
+    tiny_base_dir, data_dir, tmp_path
+):
+    """As `make experiments` calls it: store, output and report named relative to the cwd, the
+    sweeps run through Ray Tune in a subprocess (Tune moves each trial into its own folder)."""
+    import os
+
+    from tests.test_jobs import last_json, run_job
+
+    rel = os.path.relpath(tmp_path, REPO)
+    uri = f"sqlite:///{rel}/mlflow.db"
+    proc = run_job("jobs/experiments.py", *TINY, "--base", str(tiny_base_dir), "--output-dir",
+                   f"{rel}/runs", "--report-dir", f"{rel}/docs", "--tracking-uri", uri,
+                   "--data-dir", os.path.relpath(data_dir, REPO), "--spaces", "table11_k",
+                   "--stages", "ablations,report", "--json")  # fmt: skip
+    result = last_json(proc.stdout)
+    assert result["failed"] == 0 and [j["job"] for j in result["jobs"]] == [
+        "ablations: table11_k", "report"]  # fmt: skip
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lora-diffusion/paper").experiment_id
+    trials = client.search_runs([exp], "tags.mlflow.parentRunId != ''")
+    assert len(trials) == 4 and {t.data.params["adaptor.k"] for t in trials} == {"1", "2", "4", "8"}
+    text = (tmp_path / "docs" / "RESULTS.md").read_text()
+    sweeps = text.split("## Sweeps")[1].split("\n## ")[0]
+    assert "### Sweep `table11_k`" in sweeps and sweeps.count("| finished |") == 4, sweeps
+
+
 def test_unknown_stage_is_refused(capsys):
     from jobs import experiments
 
