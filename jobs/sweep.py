@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -335,6 +336,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    # the argv it was given: jobs/experiments.py calls main() in its own process
+    a.command = "python jobs/sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     if a.task not in TASKS:
         fail(f"unknown task {a.task!r}; known: {', '.join(TASKS)}")
     space = load_space(a.space)
@@ -503,7 +506,7 @@ def _markdown(rows, metric, name, a, seconds) -> str:
     lines = [
         f"# Sweep `{name}`: task {a.task}, method {a.method}",
         "",
-        f"Command: `python jobs/sweep.py {' '.join(sys.argv[1:])}`  ",
+        f"Command: `{a.command}`  ",
         f"Wall time: {seconds:.0f} s. Score: `{metric}` on {scored} (candidate scoring); "
         "stopped trials show the score at their last evaluation.",
         "",

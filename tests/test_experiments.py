@@ -121,6 +121,8 @@ def test_the_ablations_stage_lands_every_trial_in_the_relative_store_it_was_give
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     sweeps = text.split("## Sweeps")[1].split("\n## ")[0]
     assert "### Sweep `table11_k`" in sweeps and sweeps.count("| finished |") == 4, sweeps
+    table = (tmp_path / "runs" / "ablations" / "table11_k" / "table.md").read_text()
+    assert "Command: `python jobs/sweep.py --space " in table  # the sweep's argv, not the caller's
 
 
 def test_unknown_stage_is_refused(capsys):
