@@ -119,14 +119,17 @@ class Runner:
     def __init__(self, a, command: str = "") -> None:
         self.a = a
         self.command = command  # what makes (or, finished, skips) every run: for the report
-        self.uri = tracking_uri(a.tracking_uri)
+        self.uri = tracking_uri(a.tracking_uri)  # absolute, for this process's own client
+        # what the jobs are given: the user's spelling, so the report's rebuild commands read
+        # as they typed it (each job makes a relative store absolute itself)
+        self.uri_flag = a.tracking_uri or self.uri
         self.out = Path(a.output_dir)
         self.results: list[dict] = []
         self.started = time.time()
 
     def common(self, study: str) -> list[str]:
         a = self.a
-        flags = ["--tracking-uri", self.uri, "--experiment", a.experiment, "--tag",
+        flags = ["--tracking-uri", self.uri_flag, "--experiment", a.experiment, "--tag",
                  f"study={study}", "--data-dir", a.data_dir]  # fmt: skip
         return flags
 
@@ -322,7 +325,7 @@ def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
 def stage_report(r: Runner) -> None:
     from jobs import report
 
-    argv = ["--experiment", r.a.experiment, "--tracking-uri", r.uri, "--output-dir",
+    argv = ["--experiment", r.a.experiment, "--tracking-uri", r.uri_flag, "--output-dir",
             r.a.report_dir, "--made-by", r.command, "--json"]  # fmt: skip
     r.job("report", report.main, argv, None)
 

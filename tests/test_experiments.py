@@ -123,6 +123,9 @@ def test_the_ablations_stage_lands_every_trial_in_the_relative_store_it_was_give
     assert "### Sweep `table11_k`" in sweeps and sweeps.count("| finished |") == 4, sweeps
     table = (tmp_path / "runs" / "ablations" / "table11_k" / "table.md").read_text()
     assert "Command: `python jobs/sweep.py --space " in table  # the sweep's argv, not the caller's
+    rebuild = "Rebuild: `python jobs/report.py --experiment lora-diffusion/paper --tracking-uri "
+    rebuild += f"{uri} "
+    assert rebuild in text  # as it was given: the report's commands name no machine's paths
 
 
 def test_unknown_stage_is_refused(capsys):
