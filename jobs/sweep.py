@@ -345,9 +345,7 @@ def main(argv=None) -> dict:
     name = a.name or space["name"]
     mode = a.mode or space.get("mode", "max")
     base_cfg = FinetuneConfig(
-        base=os.path.abspath(a.base) if os.path.exists(a.base) else a.base,
-        output_dir=a.output_dir, task=a.task, method=a.method,
-        data_dir=os.path.abspath(a.data_dir),  # trials run in their own working directories
+        base=a.base, output_dir=a.output_dir, task=a.task, method=a.method, data_dir=a.data_dir,
         train_limit=a.train_limit, eval_limit=a.eval_limit, holdout=a.holdout,
     )  # fmt: skip
     train = dataclasses.replace(
@@ -359,6 +357,8 @@ def main(argv=None) -> dict:
         base_cfg = apply_overrides(dataclasses.replace(base_cfg, train=train), a.overrides)
     except (KeyError, ValueError) as e:
         fail(str(e))
+    # Tune runs each trial in its own working directory
+    base_cfg = raytrain.absolute_paths(base_cfg, ("base", "data_dir", "corpus_dir", "cache_dir"))
     if not Path(base_cfg.base, "config.json").is_file():
         fail(f"base {a.base!r} not found (a saved model folder)")
     hidden = json.loads(Path(base_cfg.base, "config.json").read_text())["hidden_size"]
