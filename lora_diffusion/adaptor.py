@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .models.dit import timestep_embedding
+from .reader import READERS, StateReader, count_reader_parameters
 
 #: Representations of x_t and of the condition c an adaptor can read from the frozen base.
 CONDITION_REPRS = ("hidden", "embedding")
@@ -84,6 +85,17 @@ class AdaptorConfig:
     gate_init: str = field(
         default="random", metadata={"help": "W_g at init: random (nn.Linear's) | zero"}
     )
+    reader: str = field(
+        default="none",
+        metadata={"help": "x_t for B_i: none (one frozen state per position, input_repr) | "
+                  "attention (a side reader over several layers' states; see reader.py)"},
+    )  # fmt: skip
+    reader_layers: tuple[int, ...] = field(
+        default=(0, 3, -1),
+        metadata={"help": "base states the reader mixes: 0 embeddings, i block i, -1 final"},
+    )
+    reader_dim: int = field(default=64, metadata={"help": "the reader's width k"})
+    reader_heads: int = field(default=4, metadata={"help": "the reader's attention heads"})
     time_embed_dim: int = field(default=32, metadata={"help": "sinusoidal Emb(t) size"})
     conditional: bool = field(default=True, metadata={"help": "A_i(c) depends on Enc(c)"})
     lambda_rank: float = field(default=0.01, metadata={"help": "nuclear-norm weight"})
@@ -93,6 +105,7 @@ class AdaptorConfig:
         self.ranks = tuple(int(r) for r in self.ranks)
         self.sigmas = tuple(float(s) for s in self.sigmas)
         self.boundaries = tuple(float(b) for b in self.boundaries)
+        self.reader_layers = tuple(int(i) for i in self.reader_layers)
         n = len(self.ranks)
         if n < 1 or len(self.sigmas) != n or len(self.boundaries) != n - 1:
             raise ValueError(
@@ -116,6 +129,15 @@ class AdaptorConfig:
             )
         if self.gate_init not in GATE_INITS:
             raise ValueError(f"adaptor.gate_init must be random or zero: {self.gate_init!r}")
+        if self.reader not in READERS:
+            raise ValueError(f"adaptor.reader must be one of {READERS}: {self.reader!r}")
+        if self.reader != "none" and not self.reader_layers:
+            raise ValueError("adaptor.reader_layers: the reader needs at least one layer")
+        if self.reader != "none" and (self.reader_dim < 1 or self.reader_heads < 1):
+            raise ValueError(
+                f"adaptor.reader_dim and reader_heads must be >= 1: "
+                f"{self.reader_dim}, {self.reader_heads}"
+            )
         if self.condition_norm not in CONDITION_NORMS:
             raise ValueError(
                 f"adaptor.condition_norm must be layer or none: {self.condition_norm!r}"
@@ -136,23 +158,34 @@ class AdaptorConfig:
 def count_adaptor_parameters(cfg: AdaptorConfig, d: int) -> int:
     """Exact trainable parameter count of a `TrajectoryAdaptor(cfg, d)`."""
     gate = lambda r: r * d + r if cfg.conditional else 0
-    per = lambda r: (d + cfg.time_embed_dim) * r + r + d * r + gate(r)
+    d_in = cfg.reader_dim if cfg.reader != "none" else d
+    per = lambda r: (d_in + cfg.time_embed_dim) * r + r + d * r + gate(r)
     query = d if cfg.conditional and cfg.condition_pool == "attention" else 0
-    return sum(cfg.k * per(r) for r in cfg.ranks) + query
+    reader = 0
+    if cfg.reader != "none":
+        reader = count_reader_parameters(d, len(cfg.reader_layers), cfg.reader_dim)
+    return sum(cfg.k * per(r) for r in cfg.ranks) + query + reader
 
 
 class LowRankModule(nn.Module):
     """g(x, t, c) = A(c) ReLU(B [x ; Emb(t)]), A(c) = W_A diag(1 + W_g Enc(c)).
 
     Args:
-        d: hidden size of the base; d_t: time embedding size; rank: r.
+        d: hidden size of the base; d_t: time embedding size; rank: r; d_in: size of the x it
+            reads (d, or the reader's width).
     """
 
     def __init__(
-        self, d: int, d_t: int, rank: int, conditional: bool = True, gate_init: str = "random"
+        self,
+        d: int,
+        d_t: int,
+        rank: int,
+        conditional: bool = True,
+        gate_init: str = "random",
+        d_in: int | None = None,
     ) -> None:
         super().__init__()
-        self.down = nn.Linear(d + d_t, rank)  # B
+        self.down = nn.Linear((d_in or d) + d_t, rank)  # B
         self.up = nn.Parameter(torch.zeros(d, rank))  # W_A, zero: adapted == base at init
         self.gate = nn.Linear(d, rank) if conditional else None  # W_g
         nn.init.kaiming_uniform_(self.down.weight, a=5**0.5)
@@ -162,7 +195,7 @@ class LowRankModule(nn.Module):
                 nn.init.zeros_(self.gate.weight)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, d); temb: (B, d_t); enc: (B, d). Returns (B, L, d)."""
+        """x: (B, L, d_in); temb: (B, d_t); enc: (B, d). Returns (B, L, d)."""
         z = torch.cat([x, temb[:, None].expand(-1, x.shape[1], -1)], dim=-1)
         u = torch.relu(self.down(z))  # (B, L, r)
         if self.gate is not None:
@@ -177,9 +210,15 @@ class TrajectoryAdaptor(nn.Module):
     def __init__(self, cfg: AdaptorConfig, d: int) -> None:
         super().__init__()
         self.cfg, self.d = cfg, d
+        self.reader = (
+            StateReader(d, cfg.reader_layers, cfg.reader_dim, cfg.reader_heads)
+            if cfg.reader == "attention"
+            else None
+        )
+        d_in = cfg.reader_dim if self.reader is not None else d
         self.phases = nn.ModuleList(
             nn.ModuleList(
-                LowRankModule(d, cfg.time_embed_dim, r, cfg.conditional, cfg.gate_init)
+                LowRankModule(d, cfg.time_embed_dim, r, cfg.conditional, cfg.gate_init, d_in)
                 for _ in range(cfg.k)
             )
             for r in cfg.ranks
@@ -203,13 +242,27 @@ class TrajectoryAdaptor(nn.Module):
         weights = weights * cond.any(-1, keepdim=True).to(weights.dtype)
         return (weights[..., None] * states).sum(1)
 
+    def read(self, states, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """x_t for every position (B, L, reader_dim) from the base's layer states (a sequence of
+        (B, L, d), embeddings first, final last; see `reader.StateReader`)."""
+        if self.reader is None:
+            raise ValueError("this adaptor has no reader (adaptor.reader=none)")
+        n = len(states)
+        bad = [i for i in self.cfg.reader_layers if not -n <= i < n]
+        if bad:
+            raise ValueError(
+                f"adaptor.reader_layers {bad} out of range: the base has {n} layer states "
+                f"(0 = embeddings .. {n - 1} = final)"
+            )
+        return self.reader(states, attention_mask)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
-        """Perturbation delta (B, L, d) for representations x (B, L, d) at times t (B,)."""
+        """Perturbation delta (B, L, d) for representations x (B, L, d_in) at times t (B,)."""
         temb = timestep_embedding(t, self.cfg.time_embed_dim).to(x.dtype)  # (B, d_t)
         if self.cfg.condition_norm == "layer":
             enc = F.layer_norm(enc, enc.shape[-1:])  # no condition: 0 stays 0
         phase = self.cfg.phase_of(t)
-        delta = torch.zeros_like(x)
+        delta = x.new_zeros(*x.shape[:-1], self.d)
         for p, modules in enumerate(self.phases):
             rows = (phase == p).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:

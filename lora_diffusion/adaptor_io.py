@@ -121,6 +121,7 @@ def load_adaptor(
         raw.setdefault("condition_norm", "none")  # files written before these existed
         raw.setdefault("condition_pool", "mean")
         raw.setdefault("gate_init", "zero")
+        raw.setdefault("reader", "none")
         cfg = AdaptorConfig(**raw)
         d = int(config["hidden_size"])
     except KeyError as e:

@@ -42,6 +42,7 @@ class Router(nn.Module):
 
 
 ADAPTOR_KEY = "adaptor:"  # condition_encodings' key prefix of an adaptor's own Enc(c)
+READER_KEY = "reader:"  # perturbation's key prefix of an adaptor's own reading of x_t
 
 
 class AdaptedDenoiser(nn.Module):
@@ -122,8 +123,15 @@ class AdaptedDenoiser(nn.Module):
             self._weights = previous
 
     def base_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, t):
-        """The frozen base's hidden states, never recorded by autograd; reused while x_t and
-        the mask are unchanged (time-agnostic base, outside training)."""
+        """The frozen base's final hidden states (B, L, d), never recorded by autograd."""
+        return self.base_states(input_ids, attention_mask, t)[-1]
+
+    def base_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, t
+    ) -> tuple[torch.Tensor, ...]:
+        """The frozen base's states, never recorded by autograd: every layer's (embeddings
+        first, final last) when an adaptor reads several layers, else the final states alone.
+        Reused while x_t and the mask are unchanged (time-agnostic base, outside training)."""
         attn = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         reusable = (
             self.cache_base
@@ -136,10 +144,18 @@ class AdaptedDenoiser(nn.Module):
                 self.base_calls_saved += 1
                 return h0
         with torch.no_grad():
-            h = self.base.hidden_states(input_ids, attn, t)
+            if self.reads_layers:
+                states = tuple(self.base.layer_states(input_ids, attn, t))
+            else:
+                states = (self.base.hidden_states(input_ids, attn, t),)
         self.base_calls += 1
-        self._cache = (input_ids.clone(), attn.clone(), h) if reusable else None
-        return h
+        self._cache = (input_ids.clone(), attn.clone(), states) if reusable else None
+        return states
+
+    @property
+    def reads_layers(self) -> bool:
+        """Whether an adaptor reads the base's layer states (an attention reader)."""
+        return any(a.reader is not None for a in self.adaptors.values())
 
     def condition_encodings(
         self, input_ids: torch.Tensor, h: torch.Tensor, condition_mask: torch.Tensor | None
@@ -204,7 +220,8 @@ class AdaptedDenoiser(nn.Module):
             active = w[:, j] != 0
             if not active.any():
                 continue
-            x = x_repr[adaptor.cfg.input_repr][:, None]  # (N, 1, d): a position is an example
+            x = x_repr.get(READER_KEY + name, x_repr.get(adaptor.cfg.input_repr))
+            x = x[:, None]  # (N, 1, d_in): a position is an example
             enc = encs.get(ADAPTOR_KEY + name)
             enc = encs[adaptor.cfg.condition_repr] if enc is None else enc
             if active.all():
@@ -224,7 +241,8 @@ class AdaptedDenoiser(nn.Module):
         """
         if t is None:
             raise ValueError("the adapted denoiser needs t (B,) in [0, 1]")
-        h = self.base_hidden(input_ids, attention_mask, t)
+        states = self.base_states(input_ids, attention_mask, t)
+        h = states[-1]
         encs = self.condition_encodings(input_ids, h, condition_mask)  # each (B, d)
         w = self.task_weight_matrix(encs)  # (B, n_tasks)
         sel = (
@@ -237,6 +255,9 @@ class AdaptedDenoiser(nn.Module):
         if any(a.cfg.input_repr == "embedding" for a in self.adaptors.values()):
             with torch.no_grad():
                 x_repr["embedding"] = self.base.input_embeddings(input_ids)[sel]
+        for name, adaptor in self.adaptors.items():
+            if adaptor.reader is not None:  # reads the whole sequence, mixes positions
+                x_repr[READER_KEY + name] = adaptor.read(states, attention_mask)[sel]
         delta = self.perturbation(x_repr, t[rows], {k: v[rows] for k, v in encs.items()}, w[rows])
         return h.index_put((sel.nonzero(as_tuple=True)), h[sel] + delta)
 

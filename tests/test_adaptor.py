@@ -258,3 +258,69 @@ def test_training_never_touches_the_base(tiny_model):
     assert all(torch.equal(v, before[k]) for k, v in tiny_model.state_dict().items())
     assert any(m.up.abs().sum() > 0 for phase in adaptor.phases for m in phase)
     assert all(not p.requires_grad for p in tiny_model.parameters())
+
+
+READER = AdaptorConfig(reader="attention", reader_layers=(0, 1, -1), reader_dim=16, reader_heads=2)
+
+
+def test_layer_states_run_from_the_embeddings_to_the_final_hidden_states(tiny_model):
+    x, _ = inputs()
+    states = tiny_model.layer_states(x)
+    assert len(states) == tiny_model.config.num_hidden_layers + 2
+    torch.testing.assert_close(states[0], tiny_model.input_embeddings(x))
+    torch.testing.assert_close(states[-1], tiny_model.hidden_states(x))
+
+
+def test_reader_adaptor_equals_the_base_at_initialisation_and_counts_its_parameters(tiny_model):
+    adaptor = TrajectoryAdaptor(READER, D)
+    assert sum(p.numel() for p in adaptor.parameters()) == count_adaptor_parameters(READER, D)
+    model = AdaptedDenoiser(tiny_model, adaptor)
+    x, cond = inputs()
+    assert torch.equal(model.hidden_states(x, None, T4, cond), tiny_model.hidden_states(x))
+
+
+def test_the_reader_lets_a_target_position_see_the_condition_tokens(tiny_model):
+    """Both adaptors read only input embeddings, with the gate off: without a reader a target
+    position's perturbation depends on that position's embedding alone; the reader's
+    attention mixes positions, so one changed condition token changes every target's."""
+    x, cond = inputs()
+    y = x.clone()
+    y[:, 2] = (x[:, 2] + 1) % 500 + 6  # one condition token differs
+    plain = AdaptorConfig(conditional=False, input_repr="embedding")
+    reader = AdaptorConfig(conditional=False, reader="attention", reader_layers=(0,),
+                           reader_dim=16, reader_heads=2)  # fmt: skip
+    for cfg, sees_condition in ((plain, False), (reader, True)):
+        model = AdaptedDenoiser(tiny_model, randomise(TrajectoryAdaptor(cfg, D)))
+        delta = [model.hidden_states(z, None, T4, cond) - tiny_model.hidden_states(z)
+                 for z in (x, y)]  # fmt: skip
+        assert delta[0][~cond].abs().max() > 0
+        same = torch.allclose(delta[0][~cond], delta[1][~cond], atol=1e-5)
+        assert same != sees_condition
+
+
+def test_reader_training_never_touches_the_base_and_trains_the_reader(tiny_model):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    adaptor = TrajectoryAdaptor(READER, D)
+    model = AdaptedDenoiser(tiny_model, adaptor)
+    opt = torch.optim.AdamW(model.adaptor_parameters(), lr=1e-2)
+    mix = adaptor.reader.mix.detach().clone()
+    x, cond = inputs()
+    for _ in range(3):
+        loss = model.output_head(model.hidden_states(x, None, T4, cond)).logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in tiny_model.parameters())
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in tiny_model.state_dict().items())
+    assert not torch.equal(adaptor.reader.mix, mix)
+
+
+def test_bad_reader_settings_are_named(tiny_model):
+    with pytest.raises(ValueError, match="adaptor.reader must be"):
+        AdaptorConfig(reader="lstm")
+    with pytest.raises(ValueError, match="reader_dim"):
+        TrajectoryAdaptor(AdaptorConfig(reader="attention", reader_dim=18, reader_heads=4), D)
+    adaptor = TrajectoryAdaptor(AdaptorConfig(reader="attention", reader_layers=(0, 9)), D)
+    x, cond = inputs()
+    with pytest.raises(ValueError, match=r"reader_layers \[9\] out of range"):
+        AdaptedDenoiser(tiny_model, adaptor).hidden_states(x, None, T4, cond)

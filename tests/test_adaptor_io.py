@@ -239,3 +239,22 @@ def test_files_from_before_the_condition_options_load_as_they_were_trained(tmp_p
     assert loaded.cfg.gate_init == "zero"
     h, enc, t = torch.randn(2, 5, D), torch.randn(2, D), torch.tensor([0.9, 0.2])
     torch.testing.assert_close(loaded(h, t, enc), adaptor(h, t, enc))
+
+
+def test_reader_adaptor_round_trips_and_older_files_load_without_a_reader(tmp_path, tiny_model):
+    cfg = AdaptorConfig(ranks=(8,), sigmas=(1.0,), boundaries=(), reader="attention",
+                        reader_layers=(0, -1), reader_dim=16, reader_heads=2)  # fmt: skip
+    adaptor = trained_like(cfg)
+    save_adaptor(tmp_path / "r", adaptor, tiny_model)
+    loaded, _ = load_adaptor(tmp_path / "r", tiny_model)
+    x, t, cond = batch()
+    a = AdaptedDenoiser(tiny_model, adaptor).hidden_states(x, None, t, cond)
+    assert torch.equal(a, AdaptedDenoiser(tiny_model, loaded).hidden_states(x, None, t, cond))
+    old = trained_like(AdaptorConfig(ranks=(8,), sigmas=(1.0,), boundaries=()))
+    save_adaptor(tmp_path / "old", old, tiny_model)
+    config = json.loads((tmp_path / "old" / CONFIG_NAME).read_text())
+    for key in ("reader", "reader_layers", "reader_dim", "reader_heads"):  # before readers
+        del config["adaptor"][key]
+    (tmp_path / "old" / CONFIG_NAME).write_text(json.dumps(config))
+    loaded, _ = load_adaptor(tmp_path / "old", tiny_model)
+    assert loaded.cfg.reader == "none" and loaded.reader is None

@@ -225,9 +225,11 @@ class DiffusionTransformer(DiffusionLMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        all_states: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """input_ids: (B, L); attention_mask: (B, L), 1 = real token; timesteps: (B,) in [0, 1].
-        Returns final hidden states (B, L, d)."""
+        Returns final hidden states (B, L, d); with `all_states`, every layer's state: the input
+        embeddings, each block's output, then the final hidden states (n_layers + 2 of them)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, n, _ = x.shape
         head_dim = self.config.hidden_size // self.config.num_attention_heads
@@ -239,9 +241,12 @@ class DiffusionTransformer(DiffusionLMPreTrainedModel):
                 raise ValueError("this model is time-conditioned: pass `timesteps` (B,) in [0, 1]")
             temb = self.time_mlp(timestep_embedding(timesteps, self.config.time_embed_dim))
             temb = temb.to(x.dtype)
+        states = [x]
         for block in self.blocks:
             x = block(x, cos, sin, mask, temb)
-        return self.norm_f(x)
+            states.append(x)
+        h = self.norm_f(x)
+        return (*states, h) if all_states else h
 
 
 class DiffusionLM(DiffusionLMPreTrainedModel):
@@ -287,6 +292,16 @@ class DiffusionLM(DiffusionLMPreTrainedModel):
         """Final hidden states (B, L, d). `condition_mask` is part of the seam (adaptors use
         it); the base ignores it."""
         return self.transformer(input_ids, attention_mask, t)
+
+    def layer_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Every layer's states (each (B, L, d)): input embeddings, block 1..n outputs, final
+        hidden states (the last equals `hidden_states`). What an adaptor's reader reads."""
+        return self.transformer(input_ids, attention_mask, t, all_states=True)
 
     def output_head(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d) -> logits (..., V)."""

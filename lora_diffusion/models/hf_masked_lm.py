@@ -81,6 +81,14 @@ class HFMaskedLMDenoiser(nn.Module):
         out = self.trunk(input_ids=input_ids, attention_mask=attention_mask)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
+    def layer_states(self, input_ids, attention_mask=None, t=None) -> tuple[torch.Tensor, ...]:
+        """The encoder's states (each (B, L, d)): embeddings, every layer's output, and the final
+        hidden states once more, so index -1 is always `hidden_states`' output."""
+        out = self.trunk(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+        )
+        return (*out.hidden_states, out.last_hidden_state)
+
     def output_head(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h)
 
