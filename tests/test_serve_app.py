@@ -32,6 +32,16 @@ TOKEN = "test-token-not-a-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
+def experiment_in(store: str, name: str) -> None:
+    """Make `name` the active experiment, its artifacts beside the SQLite file (a new
+    experiment's default is ./mlruns in the working directory: the repository)."""
+    client = mlflow.MlflowClient(store)
+    if client.get_experiment_by_name(name) is None:
+        folder = Path(store[len("sqlite:///") :]).parent / "artifacts"
+        client.create_experiment(name, artifact_location=folder.as_uri())
+    mlflow.set_experiment(name)
+
+
 def register_adaptor(store: str, base_dir: Path, base, task: str, seed: int, out: Path) -> int:
     """A random (non-zero) adaptor for `task`, saved and registered as `<task>-ld` with alias
     production, as `jobs/train.py --register --alias production` would. Returns the version."""
@@ -40,7 +50,7 @@ def register_adaptor(store: str, base_dir: Path, base, task: str, seed: int, out
 
     save_adaptor(out, random_adaptor(seed), base, task=task)
     mlflow.set_tracking_uri(store)
-    mlflow.set_experiment("serve-app-test")  # this store's, whatever ran in-process before
+    experiment_in(store, "serve-app-test")  # this store's, whatever ran in-process before
     with mlflow.start_run(run_name=f"{task}-{seed}") as run:
         mlflow.log_metric("eval_accuracy", 0.5)
     cfg = SimpleNamespace(task=task, method="lora_diffusion", base=str(base_dir))
