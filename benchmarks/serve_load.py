@@ -260,6 +260,10 @@ def main(argv=None) -> dict:
         "mixed_over_single_task": ratios,
         "mixed_over_single_task_mean": round(statistics.mean(ratios), 3),
         "mixed_over_single_task_spread": round(max(ratios) - min(ratios), 3),
+        # the standard error of the mean: how far the mean may sit from the machine's ratio
+        "mixed_over_single_task_sem": round(statistics.stdev(ratios) / len(ratios) ** 0.5, 3)
+        if len(ratios) > 1
+        else None,
         "batched_over_batch_1": round(
             results["mixed_task"]["throughput_rps"] / results["batch_1"]["throughput_rps"], 3
         ),
@@ -273,7 +277,8 @@ def main(argv=None) -> dict:
               f"{r['p99_ms']} | {r['errors']} | {r['mean_batch']} |")  # fmt: skip
     r = results["ratios"]
     print(f"\nmixed-task / single-task throughput: {r['mixed_over_single_task']} (mean "
-          f"{r['mixed_over_single_task_mean']}, spread {r['mixed_over_single_task_spread']}; "
+          f"{r['mixed_over_single_task_mean']} +- {r['mixed_over_single_task_sem']} (std. error), "
+          f"spread {r['mixed_over_single_task_spread']}; "
           f"target >= 0.9); batched / batch size 1: {r['batched_over_batch_1']}")  # fmt: skip
     big = results["largest"]
     print(f"largest allowed request: {big['largest_s']} s (cost {big['cost']}); a small "

@@ -164,7 +164,9 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     """The raw body, refused (413) past `max_bytes` and (408) when it takes longer than
     `timeout_s` to arrive: a client that declares 1000 bytes and sends 9 frees its slot."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+    if declared is not None and not declared.isdigit():
+        raise HTTPException(400, detail="Content-Length is not a number")
+    if declared is not None and int(declared) > max_bytes:
         raise HTTPException(413, detail=f"the body must be at most {max_bytes} bytes")
 
     async def collect() -> bytes:
@@ -226,7 +228,7 @@ AUTH_RESPONSES = {
 }
 BODY_RESPONSES = {
     **AUTH_RESPONSES,
-    400: _response(Message, "the client left before its body arrived"),
+    400: _response(Message, "a malformed Content-Length, or the client left before its body"),
     408: _response(Message, "the body did not arrive in time (body_timeout_s)"),
     413: _response(Message, "the body is too large (max_body_bytes)"),
     409: _response(Message, "the loaded adaptors changed under the request: retry"),
