@@ -1,7 +1,8 @@
 """Load test of the Serve app, and its batching ratios, side by side in one run (loopback only).
 
     python benchmarks/serve_load.py --base runs/base-small2/model [--requests 2000]
-        [--concurrency 32] [--max-seconds 300] [--tasks sst2,cola,trec,agnews]
+        [--concurrency 32] [--max-seconds 300] [--tasks sst2,cola,trec,agnews] [--repeats 3]
+    python benchmarks/serve_load.py --base ../shared/bases/small-h200 --quick   # ~2 min
 
 Builds a throwaway registry in a temp folder (one random LoRA-Diffusion adaptor per task on
 `--base`, alias production, plus a router), starts the app on a local Ray (`serve.run`, the
@@ -14,8 +15,13 @@ same `serve_apps.app:build_app` as `serve run`) on 127.0.0.1, and measures:
   mixed_task   the same traffic, each request with its own weighting (one task's adaptor over
                every task, two-task mixes, the router)       -> ratio mixed / single
   batch_1      the mixed traffic with max_batch_size 1        -> ratio batched / batch_1
+  largest      the costliest request the app's limits allow, and a small classify sent
+               while it runs: their latencies (the small one must not wait for the big one)
 
-Every phase stops issuing at --max-seconds. Prints one JSON line per phase and a table.
+single_task and mixed_task alternate --repeats times: the ratio is reported per repeat, with
+its mean and spread (how stable it is at this size). Every phase stops issuing at
+--max-seconds. Everything (registry, artifacts) goes to a temp folder, nothing into the
+working directory. Prints one JSON line per phase and a table.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -47,8 +54,18 @@ def parse_args(argv=None):
     p.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s")
     p.add_argument("--port", type=int, default=8011)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="single/mixed ratio phase pairs")
     p.add_argument("--output", default=None, help="also write the results to this JSON file")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 2 tasks, 64 requests per phase, 2 repeats, concurrency 16",
+    )
+    a = p.parse_args(argv)
+    if a.quick:
+        a.tasks, a.requests, a.ratio_requests, a.repeats = "sst2,trec", 64, 64, 2
+        a.concurrency, a.max_seconds = 16, 60
+    return a
 
 
 def make_registry(root: Path, base_dir: str, tasks: list[str]) -> str:
@@ -64,6 +81,12 @@ def make_registry(root: Path, base_dir: str, tasks: list[str]) -> str:
 
     store = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(store)
+    # artifacts beside the store: a new experiment's default is ./mlruns in the working dir
+    mlflow.set_experiment(
+        experiment_id=mlflow.MlflowClient(store).create_experiment(
+            "serve-bench", artifact_location=(root / "artifacts").as_uri()
+        )
+    )
     base = load_base(base_dir)[0]
     d = base.config.hidden_size
     for i, task in enumerate(tasks):
@@ -204,14 +227,22 @@ def main(argv=None) -> dict:
     try:
         url = deploy(store, root, a.max_batch_size, a.port, a.batch_wait)
         asyncio.run(drive(url, mixed_requests(64, tasks, rng), a.concurrency, 60))  # warm-up
-        phases = [
-            ("load", mixed_requests(a.requests, tasks, rng)),
-            ("single_task", single_requests(a.ratio_requests, tasks[0], rng)),
-            ("mixed_task", mixed_generate(a.ratio_requests, tasks, rng)),
-        ]
-        for name, reqs in phases:
-            results[name] = asyncio.run(drive(url, reqs, a.concurrency, a.max_seconds))
-            print(json.dumps({"phase": name, **results[name]}), flush=True)
+        results["load"] = asyncio.run(
+            drive(url, mixed_requests(a.requests, tasks, rng), a.concurrency, a.max_seconds)
+        )
+        print(json.dumps({"phase": "load", **results["load"]}), flush=True)
+        ratios = []
+        for i in range(a.repeats):  # alternated, so a drift of the machine hits both alike
+            for name, reqs in [
+                ("single_task", single_requests(a.ratio_requests, tasks[0], rng)),
+                ("mixed_task", mixed_generate(a.ratio_requests, tasks, rng)),
+            ]:
+                results[f"{name}_{i}"] = asyncio.run(drive(url, reqs, a.concurrency, a.max_seconds))
+                print(json.dumps({"phase": f"{name}_{i}", **results[f"{name}_{i}"]}), flush=True)
+            rps = lambda k: results[f"{k}_{i}"]["throughput_rps"]  # noqa: B023
+            ratios.append(round(rps("mixed_task") / rps("single_task"), 3))
+        results["largest"] = asyncio.run(largest(url, a.concurrency))
+        print(json.dumps({"phase": "largest", **results["largest"]}), flush=True)
         deploy(store, root, 1, a.port, a.batch_wait)
         reqs = mixed_generate(a.ratio_requests, tasks, rng)
         results["batch_1"] = asyncio.run(drive(url, reqs, a.concurrency, a.max_seconds))
@@ -219,23 +250,80 @@ def main(argv=None) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
-    rps = {k: v["throughput_rps"] for k, v in results.items()}
+        shutil.rmtree(root, ignore_errors=True)
+    mean = lambda k: statistics.mean(
+        results[f"{k}_{i}"]["throughput_rps"] for i in range(a.repeats)
+    )
+    results["single_task"] = {"throughput_rps": round(mean("single_task"), 2)}
+    results["mixed_task"] = {"throughput_rps": round(mean("mixed_task"), 2)}
     results["ratios"] = {
-        "mixed_over_single_task": round(rps["mixed_task"] / rps["single_task"], 3),
-        "batched_over_batch_1": round(rps["mixed_task"] / rps["batch_1"], 3),
+        "mixed_over_single_task": ratios,
+        "mixed_over_single_task_mean": round(statistics.mean(ratios), 3),
+        "mixed_over_single_task_spread": round(max(ratios) - min(ratios), 3),
+        # the standard error of the mean: how far the mean may sit from the machine's ratio
+        "mixed_over_single_task_sem": round(statistics.stdev(ratios) / len(ratios) ** 0.5, 3)
+        if len(ratios) > 1
+        else None,
+        "batched_over_batch_1": round(
+            results["mixed_task"]["throughput_rps"] / results["batch_1"]["throughput_rps"], 3
+        ),
     }
     print("\n| phase | requests | req/s | p50 ms | p99 ms | errors | mean batch |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for k in ("load", "single_task", "mixed_task", "batch_1"):
+    pairs = [f"{n}_{i}" for i in range(a.repeats) for n in ("single_task", "mixed_task")]
+    for k in ["load", *pairs, "batch_1"]:
         r = results[k]
         print(f"| {k} | {r['requests']} | {r['throughput_rps']} | {r['p50_ms']} | "
               f"{r['p99_ms']} | {r['errors']} | {r['mean_batch']} |")  # fmt: skip
-    print(f"\nmixed-task / single-task throughput: {results['ratios']['mixed_over_single_task']}"
-          f" (target >= 0.9); batched / batch size 1: "
-          f"{results['ratios']['batched_over_batch_1']}")  # fmt: skip
+    r = results["ratios"]
+    print(f"\nmixed-task / single-task throughput: {r['mixed_over_single_task']} (mean "
+          f"{r['mixed_over_single_task_mean']} +- {r['mixed_over_single_task_sem']} (std. error), "
+          f"spread {r['mixed_over_single_task_spread']}; "
+          f"target >= 0.9); batched / batch size 1: {r['batched_over_batch_1']}")  # fmt: skip
+    big = results["largest"]
+    print(f"largest allowed request: {big['largest_s']} s (cost {big['cost']}); a small "
+          f"classify sent meanwhile: {big['small_s']} s; the old largest: HTTP "
+          f"{big['old_largest_status']}")  # fmt: skip
     if a.output:
         Path(a.output).write_text(json.dumps(results, indent=2))
     return results
+
+
+async def largest(url: str, concurrency: int) -> dict:
+    """The costliest request the limits allow (a prompt of max_input_tokens, max_new_tokens,
+    as many steps and samples as max_request_cost leaves) and a small classify sent 0.5 s into
+    it; and the old largest (8 samples x 256 steps), which the cost budget now refuses."""
+    import httpx
+
+    from serve_apps.app import Settings
+
+    s = Settings()
+    prompt = " ".join(["film"] * s.max_input_tokens)  # about one token per word
+    tokens = s.max_input_tokens + s.max_new_tokens + 3
+    steps = min(s.max_steps, s.max_request_cost // tokens)
+    samples = max(1, min(s.max_samples, s.max_request_cost // (tokens * steps)))
+    body = {"prompt": prompt, "max_new_tokens": s.max_new_tokens, "steps": steps,
+            "num_samples": samples}  # fmt: skip
+    async with httpx.AsyncClient(timeout=300) as client:
+        while True:  # the words may tokenise longer than guessed: trim until it is accepted
+            t0 = time.perf_counter()
+            big = asyncio.ensure_future(client.post(url + "/v1/generate", json=body))
+            await asyncio.sleep(0.5)
+            t1 = time.perf_counter()
+            small = await client.post(url + "/v1/classify", json={"task": "sst2", "input": "fine"})
+            small_s = time.perf_counter() - t1
+            r = await big
+            if r.status_code != 422:
+                break
+            body["prompt"] = body["prompt"][: int(len(body["prompt"]) * 0.9)]
+        big_s = time.perf_counter() - t0
+        old = {**body, "steps": 256, "num_samples": 8}
+        old_status = (await client.post(url + "/v1/generate", json=old)).status_code
+    shown = {**body, "prompt": f"{len(body['prompt'])} chars"}
+    return {"largest_status": r.status_code, "largest_s": round(big_s, 2),
+            "cost": samples * steps * tokens, "body": shown,
+            "small_status": small.status_code, "small_s": round(small_s, 2),
+            "old_largest_status": old_status}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -372,6 +372,8 @@ def main(argv=None) -> dict:
     if uri:
         check_reachable(uri)
 
+    if a.scheduler == "asha":
+        a.grace_period = asha_grace_period(a.grace_period, a.eval_every, base_cfg.train.max_steps)
     os.makedirs(a.output_dir, exist_ok=True)
     a.num_workers, a.cpus_per_worker, a.use_gpu = 1, a.cpus_per_trial, a.gpus_per_trial > 0
     raytrain.connect(a)  # exits 2 when a trial does not fit the cluster
@@ -411,6 +413,23 @@ def main(argv=None) -> dict:
     return summary
 
 
+def asha_grace_period(grace: int | None, eval_every: int, max_steps: int) -> int:
+    """ASHA's grace period, checked here against the step budget, before Ray starts (ASHA
+    asserts `grace_period <= max_t` inside Ray, as a traceback). The default, 2 x eval-every,
+    is clamped to the budget (a budget that short leaves ASHA nothing to stop); a grace period
+    given explicitly past the budget is the user's mistake and is refused."""
+    if grace is not None and grace < 1:
+        fail(f"--grace-period must be >= 1 (got {grace})")
+    if grace is not None and grace > max_steps:
+        fail(
+            f"--grace-period {grace} is past the step budget (train.max_steps {max_steps}): "
+            "give a smaller one, or more steps"
+        )
+    if grace is None:
+        grace = min(2 * eval_every, max_steps)
+    return grace
+
+
 def _run_tuner(a, space, name, mode, base_cfg, concurrent, parent):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -440,7 +459,7 @@ def _run_tuner(a, space, name, mode, base_cfg, concurrent, parent):
             time_attr="step", metric=_gold_loss(base_cfg), mode="min",
             # max_t past the last step: the last evaluation is no stop, the final report follows
             max_t=base_cfg.train.max_steps + 1,
-            grace_period=a.grace_period or 2 * a.eval_every,
+            grace_period=a.grace_period,
             reduction_factor=2,
         )  # fmt: skip
     search_alg = None

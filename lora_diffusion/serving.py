@@ -13,6 +13,7 @@ counts are sampled in one pass per step count. No Ray, no HTTP, no MLflow here.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -123,6 +124,13 @@ class ServingEngine:
         self.schedule = get_schedule(getattr(config, "noise_schedule", None) or "loglinear")
         self.device = next(model.base.parameters()).device
 
+    def fork(self) -> ServingEngine:
+        """An engine on the same weights with its own per-call state (the composed model keeps
+        the weights and cache of its current call on itself): two threads may run one each."""
+        twin = copy.copy(self)
+        twin.model = copy.copy(self.model)
+        return twin
+
     def _collate(self, encoded: list[dict]) -> dict[str, torch.Tensor]:
         batch = collate(encoded, self.tok.pad_token_id)
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -144,6 +152,21 @@ class ServingEngine:
     def count_tokens(self, text: str) -> int:
         return len(self.tok(text, add_special_tokens=False)["input_ids"])
 
+    def cost(self, request: GenerateRequest | ClassifyRequest) -> int:
+        """The work of one request in token-passes: sequences x network calls x tokens per
+        sequence (generation: num_samples x steps x (prompt + target); candidate scoring:
+        label words x num_t x (prompt + target)). A pass costs about the same per token at
+        these lengths (attention is a small share), so time is close to linear in it."""
+        if isinstance(request, GenerateRequest):
+            prompt, length = request.prompt, request.target_length
+            rows, calls = request.num_samples, request.steps
+        else:
+            spec = get_task(request.task)
+            prompt, length = spec.prompt(request.text), self.target_length(request.task)
+            rows, calls = len(spec.label_words), self.num_t
+        tokens = len(encode_prompt(self.tok, prompt, self.max_length, length)["input_ids"])
+        return rows * calls * tokens
+
     def weight_vector(self, weights: Mapping[str, float] | None) -> list[float] | None:
         """{task: w} -> a vector over `tasks` (missing tasks 0), normalised to sum 1; None stays
         None (the router's choice). Raises ValueError naming what is wrong."""
@@ -156,8 +179,8 @@ class ServingEngine:
         if any(not math.isfinite(v) or v < 0 for v in values):
             raise ValueError("task weights must be finite and >= 0")
         total = sum(values)
-        if total <= 0:
-            raise ValueError("task weights must sum to a positive number")
+        if not 0 < total < math.inf:  # 1e308 + 1e308 overflows: no weighting to normalise
+            raise ValueError("task weights must sum to a positive, finite number")
         return [v / total for v in values]
 
     def _matrix(self, weights: Sequence[Sequence[float] | None]) -> torch.Tensor:

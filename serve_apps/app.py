@@ -11,152 +11,53 @@ HTTP (FastAPI; schema at /openapi.json, docs at /docs):
     GET  /healthz       liveness and the loaded versions
     POST /v1/admin/reload  re-read the registry now (also polled every `poll_seconds`)
 
-Requests are validated before they reach the model (4xx naming the field), then batched by
-`@serve.batch`: one batch is one pass of the engine, one base forward per diffusion step for
-every request in it, whatever their tasks and weights. A reload swaps the whole engine between
-batches, so a request never sees two versions.
+A request is authenticated first (bearer token, compared as bytes), then its body is read
+under a size and time limit, validated (4xx naming the field) and costed (token-passes, see
+`ServingEngine.cost`; over `max_request_cost` is a 422), then batched by `@serve.batch` in one
+of two lanes that run side by side: cheap requests batch together, costly ones run one per
+batch, so a small request never waits behind a giant one. One batch is one pass of the
+engine, one base forward per diffusion step for every request in it, whatever their tasks and
+weights. A reload swaps the whole engine between batches, so a request never sees two
+versions. Limits and why: docs/SERVING.md.
 """
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
 import secrets
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+
+from serve_apps.bodies import (
+    AUTH_RESPONSES,
+    BODY_RESPONSES,
+    ClassifyBody,
+    ClassifyResponse,
+    GenerateBody,
+    GenerateResponse,
+    Message,
+    echo,
+    openapi_body,
+    parse_body,
+    read_body,
+    unprocessable,
+    validation_errors,
+)
+from serve_apps.settings import Settings, resolve_settings
 
 log = logging.getLogger("ray.serve")
 
 
-class Settings(BaseModel):
-    """The app's settings: `args:` of the Serve config file, or key=value after the import path
-    on `serve run`. Unknown keys are refused."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tracking_uri: str | None = Field(
-        None,
-        description="MLflow store/registry; default $MLFLOW_TRACKING_URI, else "
-        "sqlite:///<cwd>/mlflow.db (the jobs' embedded default)",
-    )
-    alias: str = Field("production", description="serve the versions this alias points to")
-    adaptors: list[str] | None = Field(
-        None,
-        description="registered model names to serve (default: every adaptor model "
-        "with the alias whose base fingerprint matches the base)",
-    )
-    base: str | None = Field(
-        None,
-        description="base folder or models:/ URI (default: the base the newest adaptor "
-        "carries or references)",
-    )
-    router: str | None = Field(None, description="a router folder (jobs/multitask.py output)")
-    poll_seconds: float = Field(
-        30.0, ge=0, description="registry poll interval; 0: only POST /v1/admin/reload"
-    )
-    max_batch_size: int = Field(16, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
-    token_env: str = Field(
-        "LORA_DIFFUSION_SERVE_TOKEN",
-        description="environment variable holding the bearer "
-        "token; when it is set (non-empty) in the replica, every /v1 call needs it",
-    )
-    max_input_tokens: int = Field(96, ge=1, description="longest input or prompt, in tokens")
-    max_new_tokens: int = Field(64, ge=1, description="longest raw-prompt generation")
-    max_steps: int = Field(256, ge=1, description="most diffusion steps per request")
-    max_samples: int = Field(8, ge=1, description="most samples per generate request")
-    scoring_num_t: int = Field(8, ge=1, description="noise levels of candidate scoring")
-    threads: int | None = Field(None, ge=1, description="torch threads per replica")
-    device: str = Field(
-        "auto",
-        pattern="^(auto|cpu|cuda(:[0-9]+)?)$",
-        description="auto: cuda when the replica has a GPU (num_gpus: 1)",
-    )
-
-
-def resolve_settings(args: dict[str, Any]) -> Settings:
-    """Settings with relative paths made absolute here, where the user runs `serve run` (a
-    replica's working directory is not theirs)."""
-    s = Settings(**args)
-    uri = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{(Path.cwd() / uri[len('sqlite:///') :]).resolve()}"
-    s.tracking_uri = uri
-    for key in ("base", "router"):
-        value = getattr(s, key)
-        if value and "://" not in value and Path(value).exists():
-            setattr(s, key, str(Path(value).resolve()))
-    return s
-
-
-# --- request and response bodies --------------------------------------------------------------
-class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    task: str | None = Field(None, description="format the input with this task's instruction")
-    input: str | None = Field(None, description="the input text (with `task`)")
-    prompt: str | None = Field(None, description="a raw prompt instead of task + input")
-    weights: dict[str, float] | None = Field(
-        None,
-        description="task weights over loaded adaptors (normalised); default: the "
-        "router's choice, else the task's own adaptor",
-    )
-    steps: int | None = Field(None, description="diffusion steps (default: one per token)")
-    max_new_tokens: int | None = Field(
-        None,
-        description="tokens to generate for a raw prompt "
-        "(default 16; a task's answer length otherwise)",
-    )
-    seed: int = Field(0, ge=0, lt=2**63)
-    num_samples: int = Field(1, description="samples, seeds seed, seed + 1, ...")
-
-
-class ClassifyBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    task: str = Field(description="a task with label words (sst2, cola, trec, agnews)")
-    input: str = Field(description="the text to classify")
-    weights: dict[str, float] | None = Field(
-        None, description="task weights (default: the task's adaptor, else the router)"
-    )
-    seed: int = Field(0, ge=0, lt=2**63)
-
-
-class GenerateResponse(BaseModel):
-    texts: list[str]
-    weights: dict[str, float]
-    weights_source: str
-    steps: int
-    versions: dict[str, int]
-    timing: dict[str, float | int]
-
-
-class ClassifyResponse(BaseModel):
-    label: str
-    scores: dict[str, float]
-    probabilities: dict[str, float]
-    weights: dict[str, float]
-    weights_source: str
-    versions: dict[str, int]
-    timing: dict[str, float | int]
-
-
 class VersionConflict(RuntimeError):
     """A request validated against adaptors that a reload replaced before its batch ran."""
-
-
-def unprocessable(field: str, message: str) -> HTTPException:
-    return HTTPException(422, detail=[{"loc": ["body", field], "msg": message}])
 
 
 fastapi_app = FastAPI(
@@ -168,17 +69,8 @@ fastapi_app = FastAPI(
 
 @fastapi_app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 with each error's field path and message (no echo of the input)."""
-    errors = []
-    for e in exc.errors():
-        msg = e.get("msg", "")
-        if e.get("type") == "json_invalid":
-            msg = f"the body is not valid JSON ({e.get('ctx', {}).get('error', 'decode error')})"
-        errors.append({"loc": list(e.get("loc", ())), "msg": msg})
-    return JSONResponse(status_code=422, content={"detail": errors})
-
-
-bearer = HTTPBearer(auto_error=False)
+    """422 with each error's field path, message and type (no echo of the input)."""
+    return JSONResponse(status_code=422, content={"detail": validation_errors(exc.errors())})
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
@@ -192,17 +84,19 @@ class LoraDiffusionServer:
         self.s = Settings(**settings)
         if self.s.threads:
             torch.set_num_threads(self.s.threads)
-        self.token = os.environ.get(self.s.token_env) or None
+        token = os.environ.get(self.s.token_env) or None
+        self.token = token.encode("utf-8") if token else None
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = auto if self.s.device == "auto" else self.s.device
         self._load_engine = load_engine
-        self.loaded = self._load()
+        self._use(self._load())
         self.loaded_at = time.time()
         self.reloads = 0
-        self.batch.set_max_batch_size(self.s.max_batch_size)
-        self.batch.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
+        self.active = 0  # /v1 requests between authentication and their answer
+        self.light.set_max_batch_size(self.s.max_batch_size)
+        self.light.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
         self._poller = None
-        log.info("serving %s", self.loaded.versions)
+        log.info("serving %s on %s", self.loaded.versions, self.device)
 
     def _load(self, base_model=None):
         s = self.s
@@ -215,7 +109,13 @@ class LoraDiffusionServer:
             base_model,
             max_length=s.max_input_tokens + s.max_new_tokens + 2,
             num_t=s.scoring_num_t,
+            device=self.device,
         )
+
+    def _use(self, loaded) -> None:
+        """Serve `loaded` from the next batch on: the light lane on its engine, the heavy lane
+        on a fork of it (the two lanes run at once, in two threads)."""
+        self.loaded, self.heavy_engine = loaded, loaded.engine.fork()
 
     # --- registry polling ----------------------------------------------------------------
     def _ensure_poller(self) -> None:
@@ -238,46 +138,80 @@ class LoraDiffusionServer:
         changed = current != self.loaded.versions
         if changed:
             loaded = await asyncio.to_thread(self._load, self.loaded.base_model)
-            self.loaded = loaded  # the next batch uses it; a running batch keeps the old one
+            self._use(loaded)  # the next batch uses it; a running batch keeps the old one
             self.loaded_at = time.time()
             self.reloads += 1
             log.info("reloaded: %s", loaded.versions)
         return {"changed": changed, "versions": self.loaded.versions}
 
-    # --- auth ----------------------------------------------------------------------------
-    def _check_token(self, creds: HTTPAuthorizationCredentials | None) -> None:
+    # --- auth, capacity, body ------------------------------------------------------------
+    def _check_token(self, request: Request) -> None:
+        """Before anything reads the body. The header is compared as bytes: it may hold any
+        byte, and `secrets.compare_digest` refuses non-ASCII `str`."""
         self._ensure_poller()
         if self.token is None:
             return
-        if creds is None or not secrets.compare_digest(creds.credentials, self.token):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # Starlette decodes headers as latin-1: encoding back gives the bytes that were sent
+        sent = given.strip().encode("latin-1")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(sent, self.token):
             raise HTTPException(
                 401, detail="missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
 
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        """One of `max_active_requests` slots, or a 503 at once. Below the deployment's
+        max_ongoing_requests, so /healthz (which takes none) answers while they are all held."""
+        if self.active >= self.s.max_active_requests:
+            raise HTTPException(
+                503, detail="the replica is at capacity; retry", headers={"Retry-After": "1"}
+            )
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+    async def _body(self, request: Request, model):
+        raw = await read_body(request, self.s.max_body_bytes, self.s.body_timeout_s)
+        return parse_body(raw, model)
+
     # --- batching ------------------------------------------------------------------------
+    # Two lanes, each running one batch at a time, both at once: requests up to `light_cost`
+    # batch together (a batch's work <= max_batch_size x light_cost); costlier ones run one per
+    # batch (<= max_request_cost), so a small request never waits for a giant one.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
-    async def batch(self, items: list) -> list:
+    async def light(self, items: list) -> list:
+        loaded = self.loaded  # one engine, hence one set of versions, for the whole batch
+        return await self._run(loaded, loaded.engine, items)
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0)
+    async def heavy(self, items: list) -> list:
+        loaded, engine = self.loaded, self.heavy_engine  # set together by `_use`
+        return await self._run(loaded, engine, items)
+
+    async def _run(self, loaded, engine, items: list) -> list:
         """items: (request, task weights by name or None for the router). The names are
         resolved here, against the engine that runs the batch: a reload between a request's
         validation and its batch cannot misplace its weights."""
-        loaded = self.loaded  # one engine, hence one set of versions, for the whole batch
         results: list = [None] * len(items)
         ready = []
         for i, (req, named) in enumerate(items):
             try:
-                req.weights = self._resolve(loaded.engine, named)
+                req.weights = self._resolve(engine, named)
                 ready.append(i)
             except ValueError as e:
                 results[i] = VersionConflict(f"the loaded adaptors changed: {e}; retry")
         reqs = [items[i][0] for i in ready]
         try:
-            done = await asyncio.to_thread(loaded.engine.run, reqs) if reqs else []
+            done = await asyncio.to_thread(engine.run, reqs) if reqs else []
         except Exception:  # isolate a failing request instead of failing the batch
             log.exception("batch of %d failed; retrying one by one", len(reqs))
             done = []
             for req in reqs:
                 try:
-                    done.append((await asyncio.to_thread(loaded.engine.run, [req]))[0])
+                    done.append((await asyncio.to_thread(engine.run, [req]))[0])
                 except Exception as err:
                     done.append(err)
         for i, r in zip(ready, done, strict=True):
@@ -295,7 +229,18 @@ class LoraDiffusionServer:
         raise ValueError("the router is gone and several adaptors are loaded")
 
     async def _submit(self, req, named: dict | None) -> dict:
-        out = await self.batch((req, named))
+        engine, s = self.loaded.engine, self.s
+        cost = engine.cost(req)
+        if cost > s.max_request_cost:
+            raise unprocessable(
+                None,
+                f"this request needs {cost} token-passes (samples x steps x tokens, or label "
+                f"words x scoring_num_t x tokens), more than max_request_cost "
+                f"{s.max_request_cost}: ask for fewer samples, steps or tokens",
+                "request_too_costly",
+            )
+        lane = self.light if cost <= s.light_cost else self.heavy
+        out = await lane((req, named))
         if isinstance(out, VersionConflict):
             raise HTTPException(409, detail=str(out))
         if isinstance(out, Exception):
@@ -315,7 +260,7 @@ class LoraDiffusionServer:
         from lora_diffusion.tasks import TASKS
 
         if task not in TASKS:
-            raise unprocessable(field, f"unknown task {task!r}; known: {sorted(TASKS)}")
+            raise unprocessable(field, f"unknown task {echo(task)!r}; known: {sorted(TASKS)}")
         return task
 
     def _weights(self, weights, task: str | None, prefer_task: bool):
@@ -352,16 +297,20 @@ class LoraDiffusionServer:
             "versions": self.loaded.versions,
             "loaded_at": self.loaded_at,
             "reloads": self.reloads,
+            "active_requests": self.active,
         }
 
-    @fastapi_app.get("/v1/adaptors")
-    async def adaptors(self, creds=Depends(bearer)) -> dict:  # noqa: B008
-        self._check_token(creds)
+    @fastapi_app.get("/v1/adaptors", responses=AUTH_RESPONSES)
+    async def adaptors(self, request: Request) -> dict:
+        self._check_token(request)
         return {"alias": self.s.alias, **self.loaded.describe()}
 
-    @fastapi_app.post("/v1/admin/reload")
-    async def reload(self, creds=Depends(bearer)) -> dict:  # noqa: B008
-        self._check_token(creds)
+    @fastapi_app.post(
+        "/v1/admin/reload",
+        responses={**AUTH_RESPONSES, 503: {"model": Message, "description": "reload failed"}},
+    )
+    async def reload(self, request: Request) -> dict:
+        self._check_token(request)
         try:
             return await self.reload_if_changed()
         except Exception as e:
@@ -369,11 +318,21 @@ class LoraDiffusionServer:
                 503, detail=f"reload failed, still serving {self.loaded.versions}: {e}"
             ) from None
 
-    @fastapi_app.post("/v1/generate", response_model=GenerateResponse)
-    async def generate(self, body: GenerateBody, creds=Depends(bearer)) -> dict:  # noqa: B008
+    @fastapi_app.post(
+        "/v1/generate",
+        response_model=GenerateResponse,
+        responses=BODY_RESPONSES,
+        openapi_extra=openapi_body(GenerateBody),
+    )
+    async def generate(self, request: Request) -> dict:
+        self._check_token(request)
+        with self._slot():
+            body = await self._body(request, GenerateBody)
+            return await self._generate(body)
+
+    async def _generate(self, body: GenerateBody) -> dict:
         from lora_diffusion.serving import GenerateRequest
 
-        self._check_token(creds)
         start = time.perf_counter()
         engine, s = self.loaded.engine, self.s
         if body.prompt is not None:
@@ -405,13 +364,26 @@ class LoraDiffusionServer:
         out["timing"]["total_ms"] = round(1000 * (time.perf_counter() - start), 2)
         return {**out, "weights_source": source, "steps": steps}
 
-    @fastapi_app.post("/v1/classify", response_model=ClassifyResponse)
-    async def classify(self, body: ClassifyBody, creds=Depends(bearer)) -> dict:  # noqa: B008
-        from lora_diffusion.serving import ClassifyRequest
+    @fastapi_app.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        responses=BODY_RESPONSES,
+        openapi_extra=openapi_body(ClassifyBody),
+    )
+    async def classify(self, request: Request) -> dict:
+        self._check_token(request)
+        with self._slot():
+            body = await self._body(request, ClassifyBody)
+            return await self._classify(body)
 
-        self._check_token(creds)
+    async def _classify(self, body: ClassifyBody) -> dict:
+        from lora_diffusion.serving import ClassifyRequest
+        from lora_diffusion.tasks import get_task
+
         start = time.perf_counter()
         task = self._task("task", body.task)
+        if not get_task(task).label_words:
+            raise unprocessable("task", f"{task} has no label words to score")
         text = self._text("input", body.input)
         named, source = self._weights(body.weights, task, prefer_task=True)
         out = await self._submit(ClassifyRequest(task, text, None, body.seed), named)

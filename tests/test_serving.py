@@ -11,6 +11,7 @@ from lora_diffusion.corruption import get_process
 from lora_diffusion.sampling import sample
 from lora_diffusion.schedules import get_schedule
 from lora_diffusion.serving import ClassifyRequest, GenerateRequest, ServingEngine
+from lora_diffusion.tasks import get_task
 from tests.test_composition import D, random_adaptor
 
 
@@ -114,8 +115,40 @@ def test_weight_vectors_are_checked_and_normalised(parts):
         ({"a": -1, "b": 2}, ">= 0"),
         ({"a": 0}, "positive"),
         ({"a": float("nan")}, "finite"),
+        ({"a": 1e308, "b": 1e308}, "finite"),  # each finite, the sum not: was all zeros
     ]:
         with pytest.raises(ValueError, match=msg):
             engine.weight_vector(bad)
     with pytest.raises(ValueError, match="no router"):  # None needs a router with 2 adaptors
         engine.generate([GenerateRequest("text", 2, None, 2)])
+
+
+def test_cost_counts_sequences_calls_and_tokens(parts):
+    base, tok, a, b = parts
+    engine = engine_of(base, tok, {"a": a, "b": b})
+    prompt = engine.task_prompt("sst2", "a gripping and moving film")
+    one = engine.cost(GenerateRequest(prompt, 4, None, steps=4))
+    assert engine.cost(GenerateRequest(prompt, 4, None, steps=8, num_samples=3)) == 6 * one
+    assert engine.cost(GenerateRequest(prompt, 8, None, steps=4)) == one + 4 * 4  # 4 tokens more
+    # candidate scoring: label words x num_t noise levels x tokens
+    labels = len(get_task("trec").label_words)
+    trec = engine.cost(ClassifyRequest("trec", "who is it ?", None))
+    assert trec % (labels * engine.num_t) == 0 and trec > labels * engine.num_t
+
+
+def test_a_forked_engine_answers_the_same_from_another_thread_at_once(parts):
+    # the Serve app's two lanes run one engine each at the same time; the composed model keeps
+    # its call's weights on itself, so the lanes must not share it
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, tok, a, b = parts
+    engine = engine_of(base, tok, {"a": a, "b": b}, Router(D, 2))
+    twin = engine.fork()
+    assert twin.model is not engine.model and twin.model.base is engine.model.base
+    reqs = [GenerateRequest(engine.task_prompt("sst2", f"film {i}"), 4, w, 4, i)
+            for i, w in enumerate([[1.0, 0.0], [0.0, 1.0], None, [0.5, 0.5]])]  # fmt: skip
+    alone = [engine.generate([r])[0] for r in reqs]
+    run_all = lambda e: [e.generate([r])[0] for _ in range(3) for r in reqs]
+    with ThreadPoolExecutor(2) as pool:  # one thread per engine, both at once
+        for got in pool.map(run_all, [engine, twin]):
+            assert got == alone * 3

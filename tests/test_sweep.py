@@ -72,6 +72,32 @@ def test_bad_spaces_fail_before_any_trial_naming_the_key(base, data_dir, tmp_pat
         assert exit_.value.code == 2 and named in capsys.readouterr().err, body
 
 
+def test_a_grace_period_past_the_step_budget_fails_or_clamps_before_ray_starts(
+    base, data_dir, tmp_path, capsys
+):
+    # --max-steps 8 with the default --eval-every 50 made ASHA assert inside Ray
+    # (`grace_period must be <= max_t!`): the default grace period (2 x eval-every) is clamped
+    sys.path.insert(0, str(REPO))
+    from jobs.sweep import asha_grace_period
+
+    assert asha_grace_period(None, 50, 8) == 8
+    assert asha_grace_period(None, 4, 16) == 8 and asha_grace_period(3, 50, 8) == 3
+    with pytest.raises(SystemExit) as exit_:
+        asha_grace_period(20, 4, 8)
+    assert exit_.value.code == 2 and "--grace-period 20" in capsys.readouterr().err
+    # an explicit one past the budget: the job exits 2 with one line, no trial started
+    path = space(tmp_path, "params:\n  train.lr:\n    grid: [0.01]\n")
+    proc = sweep(base, data_dir, "--space", path, "--output-dir", str(tmp_path / "o"),
+                 "--max-steps", "8", "--grace-period", "20", "--no-tracking",
+                 check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: --grace-period 20 is past the step budget (train.max_steps 8): give a smaller "
+        "one, or more steps"
+    ]
+    assert not (tmp_path / "o" / "tune").exists()
+
+
 def test_every_shipped_space_is_valid(base, data_dir, tmp_path):
     sys.path.insert(0, str(REPO))
     from jobs.sweep import load_space, validate_space
