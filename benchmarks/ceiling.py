@@ -247,6 +247,12 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="seed (0)")
     p.add_argument("--dim", type=int, default=64, help="attention probes' width (64)")
     p.add_argument("--adaptor", action="append", help="NAME:key=value,... (repeatable)")
+    p.add_argument(
+        "--attention-layers", action="append",
+        help="layers of one attention probe, e.g. 0,3,-1 or all (repeatable; default: -1, 0, "
+        "0,3,-1 and all)",
+    )  # fmt: skip
+    p.add_argument("--skip-pooled", action="store_true", help="no linear or MLP probes")
     p.add_argument("--skip-probes", action="store_true", help="adaptor rows only")
     p.add_argument("--data-dir", default=None, help="task data folder")
     p.add_argument("--output", default=None, help="write the table as JSON here")
@@ -274,7 +280,7 @@ def main(argv=None) -> dict:
     print(f"{'reading':44s} {'held-out':>8s} {'eval':>8s} {'params':>9s} {'time':>7s}")
     tests = [val, dev]
     n_states = len(train.batches[0]["states"])
-    if not a.skip_probes:
+    if not (a.skip_probes or a.skip_pooled):
         pooled = {i: (train.pooled(i), val.pooled(i), dev.pooled(i)) for i in range(n_states)}
         for i, (xtr, xv, xd) in pooled.items():
             t0 = time.perf_counter()
@@ -288,10 +294,12 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         accs = mlp_probe(cat[0], train.labels, [(cat[1], val.labels), (cat[2], dev.labels)])
         show("MLP (256), pooled all layers", accs, cat[0].shape[1] * 256 + 256 * 3 + 2, t0)
-        for layers in ((-1,), (0,), (0, 3, -1), tuple(range(n_states))):
-            t0 = time.perf_counter()
-            accs, params = attention_probe(train, tests, layers, a.dim, a.steps, a.seed)
-            show(f"attention k{a.dim}, layers {','.join(map(str, layers))}", accs, params, t0)
+    specs = [] if a.skip_probes else a.attention_layers or ["-1", "0", "0,3,-1", "all"]
+    for spec in specs:
+        layers = tuple(range(n_states)) if spec == "all" else tuple(map(int, spec.split(",")))
+        t0 = time.perf_counter()
+        accs, params = attention_probe(train, tests, layers, a.dim, a.steps, a.seed)
+        show(f"attention k{a.dim}, layers {spec}", accs, params, t0)
     cands = label_candidates(a.task, tok, target_length_for(a.task, tok))
     for spec in a.adaptor or DEFAULT_ADAPTORS:
         name, cfg, lr = parse_adaptor(spec, a.lr)

@@ -7,9 +7,12 @@ At each denoising step the frozen base gives final hidden states h (B, L, d). Th
 with the modules, rank r and scale sigma chosen by the step's phase (early t > 2T/3: r 64,
 sigma 1.0; middle: r 32, sigma 0.5; late t <= T/3: r 8, sigma 0.25 by default).
 
-- x_t is the base's final hidden state at each position (`input_repr="hidden"`, default) or
-  its input embedding (`"embedding"`, the paper's literal reading). Emb(t) is a fixed
-  sinusoidal embedding of t, so B_i: (d + d_t) -> r.
+- x_t is what the adaptor's reader makes of the frozen base's states (`reader="attention"`,
+  default; `reader.py`): one small attention layer of width k (`reader_dim`) over a learned
+  mix of several layers' states, so a target position can read the whole condition; B_i:
+  (k + d_t) -> r. Without a reader (`reader="none"`) x_t is the base's final hidden state at
+  each position (`input_repr="hidden"`) or its input embedding (`"embedding"`, the paper's
+  literal reading), and B_i: (d + d_t) -> r. Emb(t) is a fixed sinusoidal embedding of t.
 - A_i(c) = W_A + W_A,cond Enc(c), with Enc(c) the mean of the base's hidden states over the
   condition tokens (`condition_repr="hidden"`, default) or of their input embeddings
   (`"embedding"`: for a weak base whose final states carry little of the input's content).
@@ -29,9 +32,11 @@ sigma 1.0; middle: r 32, sigma 0.5; late t <= T/3: r 8, sigma 0.25 by default).
   learns at the optimizer's pace on a signal ~100x below its inputs' scale and stays at
   chance; normalised, the same gate reads the sentence (`benchmarks/probe_condition.py`).
 
-Parameters of one module of rank r: B: (d + d_t) r + r;  W_A: d r;  W_g: r d + r; plus one
-query q (d) per adaptor for the attention pooling of Enc(c).
-Total = sum over phases of k * r * (3 d + d_t + 2) + d  (see `count_adaptor_parameters`).
+Parameters of one module of rank r: B: (d_in + d_t) r + r;  W_A: d r;  W_g: r d + r (d_in = k
+with a reader, else d); plus one query q (d) per adaptor for the attention pooling of Enc(c),
+and the reader's own (`reader.count_reader_parameters`).
+Total = sum over phases of k * r * (2 d + d_in + d_t + 2) + d + reader
+(see `count_adaptor_parameters`).
 
 Regularisers (returned separately, weighted in the loss by lambda_rank and lambda_orth):
     rank = sum_i ||W_A_i||_* + ||W_B_i||_*        (nuclear norms)
@@ -86,7 +91,7 @@ class AdaptorConfig:
         default="random", metadata={"help": "W_g at init: random (nn.Linear's) | zero"}
     )
     reader: str = field(
-        default="none",
+        default="attention",
         metadata={"help": "x_t for B_i: none (one frozen state per position, input_repr) | "
                   "attention (a side reader over several layers' states; see reader.py)"},
     )  # fmt: skip

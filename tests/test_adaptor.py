@@ -62,7 +62,7 @@ def test_each_example_uses_the_modules_of_its_own_phase(tiny_model):
 
 
 def test_perturbation_matches_the_formula(tiny_model):
-    cfg = AdaptorConfig(ranks=(4, 3), sigmas=(1.0, 0.5), boundaries=(0.5,), k=2)
+    cfg = AdaptorConfig(ranks=(4, 3), sigmas=(1.0, 0.5), boundaries=(0.5,), k=2, reader="none")
     adaptor = randomise(TrajectoryAdaptor(cfg, D))
     x, cond = inputs(b=2)
     t = torch.tensor([0.8, 0.2])
@@ -93,7 +93,7 @@ def test_up_projection_is_conditioned_on_the_instruction(tiny_model):
 
 
 def test_embedding_input_reads_the_base_input_embeddings(tiny_model):
-    cfg = AdaptorConfig(input_repr="embedding", condition_pool="mean")
+    cfg = AdaptorConfig(input_repr="embedding", condition_pool="mean", reader="none")
     adaptor = randomise(TrajectoryAdaptor(cfg, D))
     model = AdaptedDenoiser(tiny_model, adaptor)
     x, cond = inputs()
@@ -106,7 +106,7 @@ def test_embedding_input_reads_the_base_input_embeddings(tiny_model):
 
 
 def test_embedding_condition_reads_the_pooled_input_embeddings_of_c(tiny_model):
-    cfg = AdaptorConfig(condition_repr="embedding", condition_pool="mean")
+    cfg = AdaptorConfig(condition_repr="embedding", condition_pool="mean", reader="none")
     adaptor = randomise(TrajectoryAdaptor(cfg, D))
     model = AdaptedDenoiser(tiny_model, adaptor)
     x, cond = inputs()
@@ -118,7 +118,7 @@ def test_embedding_condition_reads_the_pooled_input_embeddings_of_c(tiny_model):
 
 @pytest.mark.parametrize("repr_", ["hidden", "embedding"])
 def test_attention_pooling_starts_at_the_mean_and_learns_where_to_look(tiny_model, repr_):
-    cfg = AdaptorConfig(condition_repr=repr_)
+    cfg = AdaptorConfig(condition_repr=repr_, reader="none")
     adaptor = TrajectoryAdaptor(cfg, D)
     model = AdaptedDenoiser(tiny_model, {"sst2": adaptor})
     x, cond = inputs()
@@ -286,7 +286,7 @@ def test_the_reader_lets_a_target_position_see_the_condition_tokens(tiny_model):
     x, cond = inputs()
     y = x.clone()
     y[:, 2] = (x[:, 2] + 1) % 500 + 6  # one condition token differs
-    plain = AdaptorConfig(conditional=False, input_repr="embedding")
+    plain = AdaptorConfig(conditional=False, input_repr="embedding", reader="none")
     reader = AdaptorConfig(conditional=False, reader="attention", reader_layers=(0,),
                            reader_dim=16, reader_heads=2)  # fmt: skip
     for cfg, sees_condition in ((plain, False), (reader, True)):

@@ -250,7 +250,7 @@ def test_reader_adaptor_round_trips_and_older_files_load_without_a_reader(tmp_pa
     x, t, cond = batch()
     a = AdaptedDenoiser(tiny_model, adaptor).hidden_states(x, None, t, cond)
     assert torch.equal(a, AdaptedDenoiser(tiny_model, loaded).hidden_states(x, None, t, cond))
-    old = trained_like(AdaptorConfig(ranks=(8,), sigmas=(1.0,), boundaries=()))
+    old = trained_like(AdaptorConfig(ranks=(8,), sigmas=(1.0,), boundaries=(), reader="none"))
     save_adaptor(tmp_path / "old", old, tiny_model)
     config = json.loads((tmp_path / "old" / CONFIG_NAME).read_text())
     for key in ("reader", "reader_layers", "reader_dim", "reader_heads"):  # before readers
