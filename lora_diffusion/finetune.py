@@ -175,6 +175,8 @@ def finetune(
     loss_module = dist.prepare(
         LossModule(model, process, schedule, weighting, dist.shard, bundle.extra_loss)
     )
+    if bundle.reference is not None:  # outside what prepare moves; evaluation compares the two
+        base = base.to(dist.device)
 
     def loss_fn(batch, gen):
         loss, nll, extras = loss_module(batch, gen)
