@@ -65,12 +65,13 @@ class FinetuneConfig:
     forgetting_blocks: int = field(default=64, metadata={"help": "corpus blocks; 0 skips"})
     corpus_dir: str | None = field(default=None, metadata={"help": "default <data-dir>/corpus"})
     rank_every: int = field(
-        default=8,
+        default=1,
         metadata={
             "help": "lora_diffusion: the nuclear-norm term is computed (exactly) every N steps "
-            "with weight N, none between (lazy regularisation: the SVDs cost more than the "
-            "adaptor on a GPU); its logged reg_rank is N x the term there, 0 between; 1: every "
-            "step"
+            "with weight N, none between (lazy regularisation: fewer SVDs, which cost more than "
+            "the adaptor on a GPU); its logged reg_rank is N x the term there, 0 between. "
+            "Under AdamW N=8 regularised less than every step (higher effective ranks after "
+            "300 sst2 steps, docs/GPU.md): 1, every step, is the default"
         },
     )
     checkpoint_every: int = field(default=0, metadata={"help": "steps; 0: only at the end"})
