@@ -27,7 +27,7 @@ from .corpus import block_batch
 from .corruption import ForwardProcess, get_process
 from .data import collate, decode_target, encode_example, label_candidates, target_length_for
 from .losses import denoising_loss, heldout_loss
-from .sampling import sample
+from .sampling import device_of, sample
 from .schedules import NoiseSchedule, get_schedule
 from .tasks import Example, Task, get_task
 
@@ -54,13 +54,6 @@ def _resolve(
     if isinstance(schedule, str):
         schedule = get_schedule(schedule)
     return process, schedule
-
-
-def _device(model: Any) -> torch.device:
-    """Where the model's parameters live (CPU for parameter-free stubs)."""
-    params = model.parameters() if hasattr(model, "parameters") else iter(())
-    first = next(params, None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def _encoded_rows(
@@ -148,7 +141,7 @@ def generative_accuracy(
     g = torch.Generator().manual_seed(seed)
     golds, preds, tails = [], [], []
     calls = {"network_calls": 0, "calls_saved": 0}
-    batches = _batches(rows, batch_size, tokenizer.pad_token_id, _device(denoiser))
+    batches = _batches(rows, batch_size, tokenizer.pad_token_id, device_of(denoiser))
     total = -(-len(rows) // batch_size)
     for batch in tqdm(batches, total=total, disable=not progress, desc=f"generate {task.name}"):
         target = batch["target_mask"]
@@ -222,7 +215,7 @@ def scoring_accuracy(
     target_length = target_length_for(task, tokenizer)
     proc, sched = _resolve(process, schedule, len(tokenizer), tokenizer.mask_token_id)
     rows = _encoded_rows(dataset, tokenizer, max_length, target_length)
-    device = _device(denoiser)
+    device = device_of(denoiser)
     cands = label_candidates(task, tokenizer, target_length).to(device)  # (K, T)
     ts = [(i + 0.5) / num_t for i in range(num_t)]
     g = torch.Generator().manual_seed(seed)
@@ -348,15 +341,16 @@ def forgetting(
     """
     vocab_size = getattr(getattr(base, "config", None), "vocab_size", 0)
     proc, sched = _resolve(process, schedule, vocab_size, base.mask_token_id)
-    device = _device(base)
-    batches = [
-        block_batch(blocks[i : i + batch_size].to(device))
-        for i in range(0, len(blocks), batch_size)
-    ]
+    batches = [block_batch(blocks[i : i + batch_size]) for i in range(0, len(blocks), batch_size)]
     if not batches:
         raise ValueError("forgetting needs at least one corpus block")
-    loss_base = _corpus_loss(base, batches, proc, sched, seed)
-    loss_adapted = _corpus_loss(adapted, batches, proc, sched, seed)
+
+    def on(model: Any) -> list[dict[str, torch.Tensor]]:  # each model scores on its own device
+        device = device_of(model)
+        return [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+    loss_base = _corpus_loss(base, on(base), proc, sched, seed)
+    loss_adapted = _corpus_loss(adapted, on(adapted), proc, sched, seed)
     return {
         "heldout_loss_base": loss_base,
         "heldout_loss_adapted": loss_adapted,

@@ -7,6 +7,7 @@ registered here; the baselines register themselves the same way.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from .registry import Registry
 from .schedules import get_schedule
 from .training import (
     Distributed,
+    LossFn,
     StepSampler,
     TrainConfig,
     checkpoint_callback,
@@ -62,6 +64,16 @@ class FinetuneConfig:
     scoring_num_t: int = field(default=8, metadata={"help": "t values for candidate scoring"})
     forgetting_blocks: int = field(default=64, metadata={"help": "corpus blocks; 0 skips"})
     corpus_dir: str | None = field(default=None, metadata={"help": "default <data-dir>/corpus"})
+    rank_every: int = field(
+        default=1,
+        metadata={
+            "help": "lora_diffusion: the nuclear-norm term is computed (exactly) every N steps "
+            "with weight N, none between (lazy regularisation: fewer SVDs, which cost more than "
+            "the adaptor on a GPU); its logged reg_rank is N x the term there, 0 between. "
+            "Under AdamW N=8 regularised less than every step (higher effective ranks after "
+            "300 sst2 steps, docs/GPU.md): 1, every step, is the default"
+        },
+    )
     checkpoint_every: int = field(default=0, metadata={"help": "steps; 0: only at the end"})
     resume_from: str | None = field(default=None, metadata={"help": "a checkpoint folder"})
     threads: int | None = None
@@ -78,6 +90,8 @@ class FinetuneConfig:
             raise ValueError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
         if self.holdout < 0:
             raise ValueError(f"holdout must be >= 0 train rows, got {self.holdout}")
+        if self.rank_every < 1:
+            raise ValueError(f"rank_every must be >= 1 steps, got {self.rank_every}")
 
     @property
     def scored_split(self) -> str:
@@ -108,10 +122,15 @@ def build_lora_diffusion(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
     adaptor = TrajectoryAdaptor(cfg.adaptor, base.config.hidden_size)
     model = AdaptedDenoiser(base, {cfg.task: adaptor})
 
+    # The training step of each call, from the step training starts at, so that a resumed run
+    # regularises at the same steps as an uninterrupted one (extra runs once per micro-batch).
+    calls = itertools.count(checkpoint_step(cfg.resume_from) * cfg.train.grad_accum)
+
     def extra() -> dict[str, torch.Tensor]:
-        reg = adaptor.regularisers()
+        step = next(calls) // cfg.train.grad_accum
+        reg = adaptor.regularisers(rank=step % cfg.rank_every == 0)
         return {
-            "reg_rank": cfg.adaptor.lambda_rank * reg["rank"],
+            "reg_rank": cfg.rank_every * cfg.adaptor.lambda_rank * reg["rank"],
             "reg_orth": cfg.adaptor.lambda_orth * reg["orth"],
         }
 
@@ -123,6 +142,17 @@ def build_lora_diffusion(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
 
 
 CheckpointHook = Callable[[int, Callable[[Path], None]], None]
+
+
+def recipe_loss_fn(loss_module: LossModule) -> LossFn:
+    """`fit`'s loss_fn around a LossModule: the loss, and the NLL and the method's extra terms
+    as metrics (tensors: `fit` reads them at its log steps only)."""
+
+    def loss_fn(batch: dict, gen: torch.Generator):
+        loss, nll, extras = loss_module(batch, gen)
+        return loss, {"nll": nll, **{k: v.detach() for k, v in extras.items()}}
+
+    return loss_fn
 
 
 def _trainable(model: nn.Module) -> int:
@@ -175,11 +205,10 @@ def finetune(
     loss_module = dist.prepare(
         LossModule(model, process, schedule, weighting, dist.shard, bundle.extra_loss)
     )
+    if bundle.reference is not None:  # outside what prepare moves; evaluation compares the two
+        base = base.to(dist.device)
 
-    def loss_fn(batch, gen):
-        loss, nll, extras = loss_module(batch, gen)
-        return loss, {"nll": float(nll), **{k: float(v.detach()) for k, v in extras.items()}}
-
+    loss_fn = recipe_loss_fn(loss_module)
     out_dir = Path(cfg.output_dir)
 
     checkpoint = checkpoint_callback(model, out_dir, dist, checkpoint_hook)

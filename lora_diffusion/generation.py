@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .corruption import get_process
-from .sampling import sample
+from .sampling import device_of, sample
 from .schedules import get_schedule
 
 
@@ -52,8 +52,11 @@ def generate(
     cache: bool = True,
     return_trajectory: bool = False,
 ) -> Generation:
-    """Sample the target positions of `batch` and decode them (the text of each target)."""
+    """Sample the target positions of `batch` and decode them (the text of each target). The
+    batch may be on the CPU: it is moved to the denoiser's device."""
     proc = get_process(process, len(tokenizer), tokenizer.mask_token_id)
+    device = device_of(denoiser)
+    batch = {k: v.to(device) for k, v in batch.items()}
     g = torch.Generator().manual_seed(seed)
     out = sample(
         denoiser,

@@ -29,7 +29,11 @@ class LossOutput:
     loss: torch.Tensor  # scalar, to backpropagate
     nll: torch.Tensor  # scalar, mean -log p over loss positions (unweighted), detached
     num_loss_tokens: int
-    num_target_tokens: int
+    target_count: torch.Tensor  # 0-dim: target tokens, left on the device (no sync to make it)
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int(self.target_count)
 
 
 def denoising_loss(
@@ -63,9 +67,11 @@ def denoising_loss(
     if t is None:
         t = sample_t(x0.shape[0], generator=generator, device=x0.device)
     xt, changed = process.corrupt(x0, schedule.alpha(t), target_mask, generator)
-    # Denominators of the global batch: the number of targets, and of loss positions.
-    den_elbo = max(int(target_mask.sum()), 1)
-    den_simple = max(int((changed if process.loss_on_corrupted_only else target_mask).sum()), 1)
+    # Denominators of the global batch: the number of targets, and of loss positions (0-dim
+    # tensors: reading them on the host would wait for the GPU).
+    num_targets = target_mask.sum()
+    den_elbo = num_targets.clamp_min(1)
+    den_simple = (changed if process.loss_on_corrupted_only else target_mask).sum().clamp_min(1)
     if shard is not None:
         rank, world = shard
         x0, xt, attn, t = x0[rank::world], xt[rank::world], attn[rank::world], t[rank::world]
@@ -83,7 +89,7 @@ def denoising_loss(
     else:
         loss = nll.sum() / den_simple
     mean_nll = nll.detach().mean() if n else nll.detach().sum()
-    return LossOutput(loss, mean_nll, n, int(target_mask.sum()))
+    return LossOutput(loss, mean_nll, n, num_targets)
 
 
 @torch.no_grad()

@@ -179,7 +179,7 @@ def train_multitask(cfg: MultitaskConfig, report=None, progress: bool = True) ->
             "routing_ce": ce,
             "routing_acc": acc,
         }
-        return loss, {k: float(v.detach()) for k, v in metrics.items()}
+        return loss, {k: v.detach() for k, v in metrics.items()}
 
     out_dir = Path(cfg.output_dir)
 

@@ -138,7 +138,7 @@ def pretrain(
 
     def loss_fn(batch, gen):
         loss, nll, _ = loss_module(batch, gen)
-        return loss, {"nll": float(nll)}
+        return loss, {"nll": nll}
 
     heldout_batches = [
         {k: v.to(dist.device) for k, v in block_batch(b).items()} for b in heldout.split(64)

@@ -25,6 +25,13 @@ class SampleOutput:
     calls_saved: int = 0
 
 
+def device_of(model) -> torch.device:
+    """Where a model's parameters live (the CPU for parameter-free stubs)."""
+    params = model.parameters() if hasattr(model, "parameters") else iter(())
+    first = next(params, None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def init_targets(
     input_ids: torch.Tensor,
     target_mask: torch.Tensor,

@@ -74,24 +74,30 @@ class StepSampler:
         return self._perm[e]
 
     def indices(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-        start = step * self.batch_size
-        idx = [
-            int(self._epoch(i // self.n)[i % self.n]) for i in range(start, start + self.batch_size)
-        ]
-        return torch.tensor(idx[rank::world_size])
+        start, stop = step * self.batch_size, (step + 1) * self.batch_size
+        positions = torch.arange(start, stop)
+        epochs = positions // self.n
+        idx = torch.empty_like(positions)
+        for e in range(start // self.n, (stop - 1) // self.n + 1):  # a batch may wrap epochs
+            here = epochs == e
+            idx[here] = self._epoch(e)[positions[here] % self.n]
+        return idx[rank::world_size]
 
 
-def _gen(*seeds: int) -> torch.Generator:
-    """A CPU generator seeded from a tuple of ints."""
+def _gen(*seeds: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator on `device` seeded from a tuple of ints."""
     s = 0
     for x in seeds:
         s = (s * 1_000_003 + int(x)) % (2**63 - 1)
-    return torch.Generator().manual_seed(s)
+    return torch.Generator(device=device).manual_seed(s)
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The noise generator of one training step (the same on every rank)."""
-    return _gen(seed, 7919, step, 0)
+def step_generator(seed: int, step: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """The noise generator of one training step (the same on every rank). It lives on the
+    training device, so the noise is drawn there: no host-to-device copy (a sync) per draw. The
+    noise is a pure function of (seed, step, device type): a CUDA run draws other numbers than
+    a CPU run of the same seed, and resumes as bit-exactly."""
+    return _gen(seed, 7919, step, 0, device=device)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -106,11 +112,15 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig):
+    """AdamW (fused into one kernel per step when every parameter is on a CUDA device) and the
+    warm-up + cosine schedule."""
     if not params:
         raise ValueError("no trainable parameters")
+    fused = all(p.is_cuda for p in params) or None  # None: torch's default (foreach)
     opt = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
-    )
+        params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+        fused=fused,
+    )  # fmt: skip
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
 
@@ -208,7 +218,9 @@ def checkpoint_callback(
     return checkpoint
 
 
-LossFn = Callable[[dict, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+#: loss_fn(batch, generator) -> (loss, scalar metrics). Metrics may be 0-dim tensors: `fit`
+#: reads them (a host sync on a GPU) only at the steps it logs.
+LossFn = Callable[[dict, torch.Generator], tuple[torch.Tensor, dict[str, torch.Tensor | float]]]
 
 
 def fit(
@@ -249,6 +261,8 @@ def fit(
             last or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)
         )
         if state.step % cfg.log_every == 0 or last or step == 0 or evaluating:
+            metrics = {k: float(v) for k, v in metrics.items()}
+            tokens = int(tokens)
             if all_reduce is not None:
                 metrics = all_reduce(metrics)
             metrics["lr"] = sched.get_last_lr()[0]
@@ -267,22 +281,24 @@ def fit(
 
 
 def _train_step(module, loss_fn, get_batch, cfg, opt, params, step):
-    """One optimizer step over cfg.grad_accum micro-batches; returns (metrics, tokens)."""
+    """One optimizer step over cfg.grad_accum micro-batches; returns (metrics, tokens), both
+    left on the device as tensors where they are tensors: nothing here waits for the GPU."""
     module.train()
     opt.zero_grad(set_to_none=True)
-    sums: dict[str, float] = {}
-    ntok = 0
-    gen = step_generator(cfg.seed, step)
+    sums: dict[str, torch.Tensor | float] = {}
+    ntok: torch.Tensor | int = 0
+    gen = step_generator(cfg.seed, step, params[0].device)
     for micro in range(cfg.grad_accum):
         batch = get_batch(step, micro)
         device_type = batch["input_ids"].device.type
         with torch.autocast(device_type, torch.bfloat16, enabled=cfg.precision == "bf16"):
             loss, m = loss_fn(batch, gen)
         (loss / cfg.grad_accum).backward()
-        ntok += int(batch["attention_mask"].sum())
-        for k, v in {"loss": float(loss.detach()), **m}.items():
+        ntok = ntok + batch["attention_mask"].sum()
+        for k, v in {"loss": loss, **m}.items():
+            v = v.detach() if isinstance(v, torch.Tensor) else v
             sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
     if cfg.grad_clip:
-        sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     return sums, ntok

@@ -324,3 +324,21 @@ def test_bad_reader_settings_are_named(tiny_model):
     x, cond = inputs()
     with pytest.raises(ValueError, match=r"reader_layers \[9\] out of range"):
         AdaptedDenoiser(tiny_model, adaptor).hidden_states(x, None, T4, cond)
+
+
+def test_the_adaptor_and_its_regularisers_run_without_reading_the_data():
+    """On the `meta` device (shapes, no values) anything that needs the data's values to go on,
+    as a gather of each phase's rows does, fails; on a GPU it is a host sync every step."""
+    adaptor = TrajectoryAdaptor(AdaptorConfig(), D).to("meta")
+    x, enc = torch.empty(6, 1, D, device="meta"), torch.empty(6, D, device="meta")
+    t = torch.empty(6, device="meta")
+    assert adaptor(x, t, enc).shape == (6, 1, D)
+    reg = adaptor.regularisers()
+    assert reg["rank"].device.type == reg["orth"].device.type == "meta"
+
+
+def test_regularisers_can_skip_the_nuclear_norm_and_keep_orthogonality():
+    adaptor = randomise(TrajectoryAdaptor(AdaptorConfig(), D))
+    full, lazy = adaptor.regularisers(), adaptor.regularisers(rank=False)
+    assert float(full["rank"]) > 0 and float(lazy["rank"]) == 0.0
+    assert torch.equal(full["orth"], lazy["orth"])

@@ -95,3 +95,32 @@ def test_corrupt_checkpoint_is_refused_with_its_path(tmp_path):
     (ckpt / "state.json").unlink()
     with pytest.raises(FileNotFoundError, match="state.json"):
         fit(model, loss_fn, get_batch, cfg, resume_from=ckpt, progress=False)
+
+
+def test_fit_reads_metrics_on_the_host_only_at_the_steps_it_logs(monkeypatch):
+    """Reading a tensor's value (float, int) makes the host wait for a GPU: fit does it at its
+    log steps, not at every step."""
+    reads = []
+    for float_or_int in ("__float__", "__int__"):
+        original = getattr(torch.Tensor, float_or_int)
+
+        def counted(self, original=original):
+            reads.append(1)
+            return original(self)
+
+        monkeypatch.setattr(torch.Tensor, float_or_int, counted)
+
+    def reads_of(max_steps):
+        model, _, get_batch, cfg = _setup()
+        proc, sched = get_process("absorbing", 64, 1), get_schedule("loglinear")
+
+        def loss_fn(batch, g):  # metrics as tensors: fit decides when to read them
+            out = denoising_loss(model, batch, proc, sched, "elbo", g)
+            return out.loss, {"nll": out.nll}
+
+        cfg = TrainConfig(**{**cfg.__dict__, "max_steps": max_steps, "log_every": 1000})
+        reads.clear()
+        fit(model, loss_fn, get_batch, cfg, progress=False)
+        return len(reads)
+
+    assert reads_of(2) == reads_of(6) > 0  # both log at their first and last step only

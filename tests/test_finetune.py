@@ -1,0 +1,52 @@
+"""The fine-tuning recipe's own pieces: LoRA-Diffusion's lazy nuclear-norm term."""
+
+import json
+
+import pytest
+import torch
+
+from lora_diffusion.finetune import METHODS, FinetuneConfig
+from lora_diffusion.models import DiffusionLM, preset_config
+from lora_diffusion.training import TrainConfig
+
+
+def extra_terms(tmp_path, rank_every, resume_step=None, grad_accum=1, calls=6):
+    resume = None
+    if resume_step is not None:
+        resume = tmp_path / "ckpt"
+        resume.mkdir(exist_ok=True)
+        (resume / "state.json").write_text(json.dumps({"step": resume_step, "history": []}))
+    torch.manual_seed(0)
+    base = DiffusionLM(preset_config("tiny", vocab_size=64))
+    cfg = FinetuneConfig(
+        base="-", output_dir="-", rank_every=rank_every, resume_from=resume and str(resume),
+        train=TrainConfig(batch_size=4, grad_accum=grad_accum),
+    )  # fmt: skip
+    bundle = METHODS.get("lora_diffusion")(cfg, base)
+    with torch.no_grad():
+        for p in bundle.model.adaptor_parameters():
+            p.normal_(0, 0.1)
+    return [float(bundle.extra_loss()["reg_rank"]) for _ in range(calls)]
+
+
+def test_the_nuclear_norm_counts_every_n_steps_with_weight_n(tmp_path):
+    every_step = extra_terms(tmp_path, 1)
+    lazy = extra_terms(tmp_path, 3)
+    assert every_step[0] > 0 and len(set(every_step)) == 1
+    assert lazy == pytest.approx([3 * every_step[0], 0, 0, 3 * every_step[0], 0, 0])
+
+
+def test_micro_batches_of_one_step_share_its_nuclear_norm_term(tmp_path):
+    lazy = extra_terms(tmp_path, 2, grad_accum=2, calls=8)
+    assert [v > 0 for v in lazy] == [True, True, False, False, True, True, False, False]
+
+
+def test_a_resumed_run_applies_the_nuclear_norm_at_the_uninterrupted_run_s_steps(tmp_path):
+    straight = extra_terms(tmp_path, 3, calls=8)
+    resumed = extra_terms(tmp_path, 3, resume_step=2, calls=6)
+    assert resumed == straight[2:]
+
+
+def test_rank_every_below_one_is_refused_by_name():
+    with pytest.raises(ValueError, match="rank_every"):
+        FinetuneConfig(base="-", output_dir="-", rank_every=0)
