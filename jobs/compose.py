@@ -9,13 +9,8 @@ by default, or a saved router with --router); drop = alone - composed.
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from lora_diffusion.models import load_base  # noqa: E402
+from jobs.common import base_parser, emit, fail
+from lora_diffusion.models import load_base
 
 
 def parse_args(argv=None):

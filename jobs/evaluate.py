@@ -6,18 +6,14 @@ python jobs/evaluate.py --base runs/base-small/model --adaptor runs/sst2/adaptor
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from lora_diffusion.composition import AdaptedDenoiser  # noqa: E402
-from lora_diffusion.corruption import get_process  # noqa: E402
-from lora_diffusion.finetune import FinetuneConfig, evaluate_all  # noqa: E402
-from lora_diffusion.models import load_base  # noqa: E402
-from lora_diffusion.schedules import get_schedule  # noqa: E402
-from lora_diffusion.tasks import TASKS  # noqa: E402
+from jobs.common import base_parser, emit, fail
+from lora_diffusion.composition import AdaptedDenoiser
+from lora_diffusion.corruption import get_process
+from lora_diffusion.finetune import FinetuneConfig, evaluate_all
+from lora_diffusion.models import load_base
+from lora_diffusion.schedules import get_schedule
+from lora_diffusion.tasks import TASKS
 
 
 def parse_args(argv=None):

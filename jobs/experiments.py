@@ -28,16 +28,13 @@ full set; any knob below overrides the scale's value.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from jobs.tracking import check_reachable, tracking_uri  # noqa: E402
+from jobs.common import base_parser, emit, fail
+from jobs.tracking import check_reachable, tracking_uri
 
 STAGES = ("methods", "data_size", "ablations", "tasks", "bases", "report")
 PAPER_METHODS = ("full", "lora_diffusion", "weight_lora", "adapters", "bitfit", "prefix")

@@ -7,14 +7,10 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from lora_diffusion.config import apply_overrides  # noqa: E402
-from lora_diffusion.multitask import MultitaskConfig, train_multitask  # noqa: E402
+from jobs.common import base_parser, emit, fail
+from lora_diffusion.config import apply_overrides
+from lora_diffusion.multitask import MultitaskConfig, train_multitask
 
 
 def parse_args(argv=None):

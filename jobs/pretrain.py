@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs import raytrain  # noqa: E402
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from jobs.tracking import (  # noqa: E402
+from jobs import raytrain
+from jobs.common import base_parser, emit, fail
+from jobs.tracking import (
     RunLogger,
     Tracker,
     add_tracking_flags,
@@ -26,9 +23,9 @@ from jobs.tracking import (  # noqa: E402
     track_base,
     tracking_uri,
 )
-from lora_diffusion.config import apply_overrides  # noqa: E402
-from lora_diffusion.models import PRESETS  # noqa: E402
-from lora_diffusion.pretraining import PretrainConfig, pretrain, task_documents  # noqa: E402
+from lora_diffusion.config import apply_overrides
+from lora_diffusion.models import PRESETS
+from lora_diffusion.pretraining import PretrainConfig, pretrain, task_documents
 
 
 def parse_args(argv=None):

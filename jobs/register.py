@@ -8,13 +8,9 @@ python jobs/register.py --list sst2-ld
 from __future__ import annotations
 
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from jobs.tracking import check_reachable, register, tracking_uri  # noqa: E402
+from jobs.common import base_parser, emit, fail
+from jobs.tracking import check_reachable, register, tracking_uri
 
 #: Run tags a version inherits when a run is registered here (set by jobs/train.py).
 LINEAGE_TAGS = ("task", "method", "base_fingerprint", "base_name", "base_version")

@@ -5,14 +5,9 @@ python jobs/sample.py --model runs/base-small/model --prompt "The city of" --num
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from lora_diffusion.generation import continuation_batch, generate  # noqa: E402
-from lora_diffusion.models import load_base  # noqa: E402
+from jobs.common import base_parser, emit, fail
+from lora_diffusion.generation import continuation_batch, generate
+from lora_diffusion.models import load_base
 
 
 def parse_args(argv=None):

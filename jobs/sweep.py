@@ -22,23 +22,21 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import yaml
 
-import yaml  # noqa: E402
-
-from jobs import raytrain  # noqa: E402
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from jobs.tracking import (  # noqa: E402
+from jobs import raytrain
+from jobs.common import base_parser, emit, fail
+from jobs.tracking import (
     add_tracking_flags,
     check_reachable,
     flatten,
     parse_tags,
     tracking_uri,
 )
-from lora_diffusion.baselines import DEFAULT_LR  # noqa: E402
-from lora_diffusion.config import apply_overrides  # noqa: E402
-from lora_diffusion.finetune import FinetuneConfig  # noqa: E402
-from lora_diffusion.tasks import TASKS  # noqa: E402
+from lora_diffusion.baselines import DEFAULT_LR
+from lora_diffusion.config import apply_overrides
+from lora_diffusion.finetune import FinetuneConfig
+from lora_diffusion.tasks import TASKS
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "value")
 

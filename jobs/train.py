@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs import raytrain  # noqa: E402
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from jobs.tracking import (  # noqa: E402
+from jobs import raytrain
+from jobs.common import base_parser, emit, fail
+from jobs.tracking import (
     RunLogger,
     Tracker,
     add_tracking_flags,
@@ -28,10 +25,10 @@ from jobs.tracking import (  # noqa: E402
     track_adaptor,
     tracking_uri,
 )
-from lora_diffusion.baselines import DEFAULT_LR  # noqa: E402
-from lora_diffusion.config import apply_overrides  # noqa: E402
-from lora_diffusion.finetune import METHODS, FinetuneConfig, finetune  # noqa: E402
-from lora_diffusion.tasks import TASKS  # noqa: E402
+from lora_diffusion.baselines import DEFAULT_LR
+from lora_diffusion.config import apply_overrides
+from lora_diffusion.finetune import METHODS, FinetuneConfig, finetune
+from lora_diffusion.tasks import TASKS
 
 
 def parse_args(argv=None):
