@@ -10,7 +10,6 @@ by default, or a saved router with --router); drop = alone - composed.
 from __future__ import annotations
 
 from jobs.common import base_parser, emit, fail
-from lora_diffusion.models import load_base
 
 
 def parse_args(argv=None):
@@ -35,10 +34,11 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     import json
 
+    a = parse_args(argv)  # first: --help and flag errors answer before torch is imported
     from lora_diffusion.adaptor_io import AdaptorFileError, load_adaptor, load_router
+    from lora_diffusion.models import load_base
     from lora_diffusion.multitask import composition_interference, parse_task_dirs
 
-    a = parse_args(argv)
     try:
         dirs = parse_task_dirs(a.adaptor)
         weights = [float(x) for x in a.weights.split(",")] if a.weights else None

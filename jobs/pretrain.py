@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from jobs import raytrain
-from jobs.common import base_parser, emit, fail
+from jobs.common import PRESETS, PRETRAIN_STEPS, base_parser, config_error, emit, fail
 from jobs.tracking import (
     RunLogger,
     Tracker,
@@ -23,14 +23,11 @@ from jobs.tracking import (
     track_base,
     tracking_uri,
 )
-from lora_diffusion.config import apply_overrides
-from lora_diffusion.models import PRESETS
-from lora_diffusion.pretraining import PretrainConfig, pretrain, task_documents
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--preset", default="small", choices=list(PRESETS), help="model size")
+    p = base_parser(__doc__.splitlines()[0], max_steps=PRETRAIN_STEPS)
+    p.add_argument("--preset", default="small", choices=PRESETS, help="model size")
     p.add_argument("--corpus-dir", default=None, help="default: <data-dir>/corpus")
     p.add_argument("--tokenizer", default=None, help="reuse this saved tokenizer (folder)")
     p.add_argument(
@@ -66,7 +63,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_config(a) -> PretrainConfig:
+def build_config(a):
+    """The run's `PretrainConfig` from its flags; --set overrides last."""
+    from lora_diffusion.config import apply_overrides
+    from lora_diffusion.pretraining import PretrainConfig
+
     cfg = PretrainConfig(
         corpus_dir=a.corpus_dir or os.path.join(a.data_dir, "corpus"),
         output_dir=a.output_dir,
@@ -104,7 +105,9 @@ def build_config(a) -> PretrainConfig:
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
+    a = parse_args(argv)  # first: --help and flag errors answer before torch is imported
+    from lora_diffusion.pretraining import pretrain, task_documents
+
     if not os.path.isdir(a.corpus_dir or os.path.join(a.data_dir, "corpus")):
         fail(f"corpus directory not found: {a.corpus_dir or os.path.join(a.data_dir, 'corpus')}")
     raytrain.check_flags(a)
@@ -114,7 +117,7 @@ def main(argv=None) -> dict:
         cfg = build_config(a)
         task_documents(cfg)  # an unknown task or a missing/bad file fails here, not on a worker
     except (KeyError, ValueError) as e:
-        fail(str(e))
+        fail(config_error(e))
     if not a.no_tracking:
         check_reachable(tracking_uri(a.tracking_uri))
     resources = None if a.no_ray else raytrain.connect(a)
@@ -150,7 +153,7 @@ def _printer(report):
     return f
 
 
-def _tokenizer_files(cfg: PretrainConfig) -> dict[str, str]:
+def _tokenizer_files(cfg) -> dict[str, str]:
     """The tokenizer, built once here (or read from --tokenizer/--init-from), as file texts:
     every worker, on any node and after any restart, then uses exactly the same one."""
     from lora_diffusion.corpus import corpus_files, split_files
@@ -166,6 +169,8 @@ def _tokenizer_files(cfg: PretrainConfig) -> dict[str, str]:
 
 def pretrain_loop(config: dict) -> None:
     """One Ray Train worker of the pretraining job (see `jobs/train.py: train_loop`)."""
+    from lora_diffusion.pretraining import pretrain
+
     dist = raytrain.worker_context(config)
     raytrain.pid_file(config, dist.rank)
     work = Path(tempfile.mkdtemp(prefix="ld-pretrain-"))

@@ -15,7 +15,17 @@ import tempfile
 from pathlib import Path
 
 from jobs import raytrain
-from jobs.common import base_parser, emit, fail
+from jobs.common import (
+    FINETUNE_STEPS,
+    METHOD_LR,
+    RANKS,
+    TASKS,
+    K,
+    base_parser,
+    config_error,
+    emit,
+    fail,
+)
 from jobs.tracking import (
     RunLogger,
     Tracker,
@@ -25,25 +35,26 @@ from jobs.tracking import (
     track_adaptor,
     tracking_uri,
 )
-from lora_diffusion.baselines import DEFAULT_LR
-from lora_diffusion.config import apply_overrides
-from lora_diffusion.finetune import METHODS, FinetuneConfig, finetune
-from lora_diffusion.tasks import TASKS
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], max_steps=FINETUNE_STEPS)
     p.add_argument("--base", required=True, help="base model folder (or hub id)")
-    p.add_argument("--method", default="lora_diffusion", help="one of: " + ", ".join(METHODS))
-    p.add_argument("--task", default="sst2", help="one of: " + ", ".join(TASKS))
+    p.add_argument("--method", default="lora_diffusion", choices=METHOD_LR, metavar="METHOD",
+                   help="one of: " + ", ".join(METHOD_LR))  # fmt: skip
+    p.add_argument("--task", default="sst2", choices=TASKS, metavar="TASK",
+                   help="one of: " + ", ".join(TASKS))  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
     p.add_argument(
         "--lr", type=float, default=None,
-        help="peak learning rate; default: the method's ("
-        + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")",
+        help="peak learning rate (default: the method's: "
+        + ", ".join(f"{m} {lr:g}" for m, lr in METHOD_LR.items()) + ")",
     )  # fmt: skip
-    p.add_argument("--ranks", default=None, help="lora_diffusion: rank per phase, e.g. 64,32,8")
-    p.add_argument("--k", type=int, default=None, help="lora_diffusion: modules per phase")
+    p.add_argument("--ranks", default=None,
+                   help=f"lora_diffusion: rank per phase (default: {RANKS})")  # fmt: skip
+    p.add_argument(
+        "--k", type=int, default=None, help=f"lora_diffusion: modules per phase (default: {K})"
+    )
     p.add_argument("--lora-rank", type=int, help="weight_lora: rank (baselines.lora_rank)")
     p.add_argument("--bottleneck", type=int, help="adapters: width (baselines.bottleneck)")
     p.add_argument("--prefix-length", type=int, help="prefix: length (baselines.prefix_length)")
@@ -77,7 +88,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_config(a) -> FinetuneConfig:
+def build_config(a):
+    """The run's `FinetuneConfig` from its flags; --set overrides last."""
+    from lora_diffusion.baselines import DEFAULT_LR
+    from lora_diffusion.config import apply_overrides
+    from lora_diffusion.finetune import FinetuneConfig
+
     cfg = FinetuneConfig(
         base=a.base,
         output_dir=a.output_dir,
@@ -112,11 +128,9 @@ def build_config(a) -> FinetuneConfig:
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
-    if a.method not in METHODS:
-        fail(f"unknown method {a.method!r}; known: {', '.join(METHODS)}")
-    if a.task not in TASKS:
-        fail(f"unknown task {a.task!r}; known: {', '.join(TASKS)}")
+    a = parse_args(argv)  # first: --help and flag errors answer before torch is imported
+    from lora_diffusion.finetune import finetune
+
     raytrain.check_flags(a)
     if a.strategy == "fsdp" and a.method != "lora_diffusion":
         fail(f"--strategy fsdp shards the frozen base: it needs --method lora_diffusion "
@@ -124,7 +138,7 @@ def main(argv=None) -> dict:
     try:
         cfg = build_config(a)
     except (KeyError, ValueError) as e:
-        fail(str(e))
+        fail(config_error(e))
     if not os.path.exists(cfg.base) and "/" not in cfg.base.strip("./"):
         fail(f"base {cfg.base!r} not found (a model folder, or a hub id like org/name)")
     if not a.no_tracking:  # the quick check first: a dead server fails in seconds
@@ -170,6 +184,8 @@ def _printer(report):
 def train_loop(config: dict) -> None:
     """One Ray Train worker: the library's `finetune` with this worker's rank, DDP/FSDP and
     checkpoints through Ray (restored after a worker failure or on a rerun of the run)."""
+    from lora_diffusion.finetune import finetune
+
     dist = raytrain.worker_context(config)
     raytrain.pid_file(config, dist.rank)
     work = Path(tempfile.mkdtemp(prefix="ld-train-"))
