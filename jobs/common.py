@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,16 @@ FINETUNE_STEPS = 1000  # FinetuneConfig().train.max_steps
 PRETRAIN_STEPS = 1500  # PretrainConfig's train.max_steps
 MULTITASK_STEPS = 1000  # MultitaskConfig's train.max_steps
 RANKS, K = "64,32,8", 2  # AdaptorConfig's ranks and k
+
+
+# What a run prints is progress, results and errors: the libraries' own progress bars and INFO
+# lines stay off the screen (a user's environment wins). Forwarded to Ray workers as well.
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar too
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+}
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -63,6 +74,8 @@ class JobParser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         a = super().parse_args(args, namespace)
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
         if getattr(a, "data_dir", "") is None:
             a.data_dir = default_data_dir()
         return a

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from jobs.common import REPO, fail
+from jobs.common import QUIET_ENV, REPO, fail
 
 # Ray settings this project needs on any machine (see ../shared/PLATFORM_NOTES.md); a user's
 # own environment wins.
@@ -33,6 +34,10 @@ RAY_ENV = {
     "RAY_AUTH_MODE": "token",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    # Train V2 sends a worker's print() to its logger and, where stdout is wrapped, to stdout
+    # as well: every progress line showed twice, and text that libraries capture from print
+    # (dill's disassembly when datasets hashes a function) leaked to the screen
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
 STATE_DIR = "state"  # inside a checkpoint: the training state (weights, optimizer, step)
@@ -87,7 +92,7 @@ def connect(a) -> dict:
     import ray
 
     address = a.address or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in RAY_ENV}
+    env = {k: os.environ[k] for k in (*RAY_ENV, *QUIET_ENV)}
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
     )  # workers import `jobs` and `lora_diffusion` from this checkout
@@ -148,7 +153,8 @@ def run(loop: Callable[[dict], None], config: dict, a, resources: dict) -> tuple
     """Run `loop` on the workers; copy the run's files to OUTPUT_DIR. Returns (the results:
     rank 0's final report merged with the metrics.json it wrote, lists included; OUTPUT_DIR).
     A run that fails after its restarts exits 1."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     path, name = storage(a)
@@ -165,10 +171,10 @@ def run(loop: Callable[[dict], None], config: dict, a, resources: dict) -> tuple
             storage_path=path,
             failure_config=FailureConfig(max_failures=a.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines (worker group, checkpoints) go to its log files only
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    import ray
-
     try:
         result = trainer.fit()
     except Exception as e:
@@ -202,6 +208,8 @@ def worker_context(config: dict):
 
     from lora_diffusion.training import Distributed
 
+    # Ray Train sets a worker's root logger to INFO, and logs each report there
+    logging.getLogger().setLevel(logging.WARNING)
     torch.set_num_threads(int(config["threads"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
