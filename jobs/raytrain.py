@@ -87,7 +87,7 @@ def check_flags(a) -> None:
 def connect(a) -> dict:
     """Join or start Ray and check it can host the workers; exits 2 before any work if not.
     Returns the resources each worker gets."""
-    for k, v in RAY_ENV.items():
+    for k, v in {**RAY_ENV, **QUIET_ENV}.items():
         os.environ.setdefault(k, v)
     import ray
 
