@@ -14,8 +14,9 @@ def parse_args(argv=None):
     p = base_parser(__doc__.splitlines()[0], training=False)
     p.add_argument("--base", required=True, help="base model folder (or hub id)")
     p.add_argument("--adaptor", default=None, help="adaptor folder; omit to evaluate the base")
-    p.add_argument("--task", default="sst2", choices=TASKS, metavar="TASK",
-                   help="one of: " + ", ".join(TASKS))  # fmt: skip
+    p.add_argument(
+        "--task", default="sst2", choices=TASKS, metavar="TASK", help="one of: " + ", ".join(TASKS)
+    )
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate only N examples")
     p.add_argument("--eval-steps", type=int, default=None, help="sampling steps (default: T)")
     p.add_argument(

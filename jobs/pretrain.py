@@ -130,8 +130,11 @@ def main(argv=None) -> dict:
             result = pretrain(cfg, report=_printer(tracker.report), progress=not a.no_progress)
         else:
             paths = ("corpus_dir", "tokenizer", "init_from", "cache_dir", "resume_from", "data_dir")
-            config = {"cfg": raytrain.absolute_paths(cfg, paths), "tracking": tracker.worker_spec(),
-                      "tokenizer": _tokenizer_files(cfg)}  # fmt: skip
+            config = {
+                "cfg": raytrain.absolute_paths(cfg, paths),
+                "tracking": tracker.worker_spec(),
+                "tokenizer": _tokenizer_files(cfg),
+            }
             result, out = raytrain.run(pretrain_loop, config, a, resources)
             result["model_dir"] = str(out / "model")
     except BaseException:
@@ -179,14 +182,20 @@ def pretrain_loop(config: dict) -> None:
         (work / "tokenizer" / name).write_text(text, encoding="utf-8")
     resume = raytrain.resume_dir("pretrain")
     cfg = dataclasses.replace(
-        config["cfg"], output_dir=str(work / "output"), tokenizer=str(work / "tokenizer"),
-        resume_from=resume or config["cfg"].resume_from, threads=None,
-    )  # fmt: skip
+        config["cfg"],
+        output_dir=str(work / "output"),
+        tokenizer=str(work / "tokenizer"),
+        resume_from=resume or config["cfg"].resume_from,
+        threads=None,
+    )
     logger = RunLogger(config["tracking"] if dist.rank == 0 else None)
     result = pretrain(
-        cfg, report=_printer(logger.report), progress=False, dist=dist,
+        cfg,
+        report=_printer(logger.report),
+        progress=False,
+        dist=dist,
         checkpoint_hook=raytrain.checkpoint_hook(dist.rank, work / "state"),
-    )  # fmt: skip
+    )
     raytrain.report_final(dist.rank, result, work / "output", work / "state")
 
 

@@ -40,18 +40,28 @@ from jobs.tracking import (
 def parse_args(argv=None):
     p = base_parser(__doc__.splitlines()[0], max_steps=FINETUNE_STEPS)
     p.add_argument("--base", required=True, help="base model folder (or hub id)")
-    p.add_argument("--method", default="lora_diffusion", choices=METHOD_LR, metavar="METHOD",
-                   help="one of: " + ", ".join(METHOD_LR))  # fmt: skip
-    p.add_argument("--task", default="sst2", choices=TASKS, metavar="TASK",
-                   help="one of: " + ", ".join(TASKS))  # fmt: skip
+    p.add_argument(
+        "--method",
+        default="lora_diffusion",
+        choices=METHOD_LR,
+        metavar="METHOD",
+        help="one of: " + ", ".join(METHOD_LR),
+    )
+    p.add_argument(
+        "--task", default="sst2", choices=TASKS, metavar="TASK", help="one of: " + ", ".join(TASKS)
+    )
     p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
     p.add_argument(
-        "--lr", type=float, default=None,
+        "--lr",
+        type=float,
+        default=None,
         help="peak learning rate (default: the method's: "
-        + ", ".join(f"{m} {lr:g}" for m, lr in METHOD_LR.items()) + ")",
-    )  # fmt: skip
-    p.add_argument("--ranks", default=None,
-                   help=f"lora_diffusion: rank per phase (default: {RANKS})")  # fmt: skip
+        + ", ".join(f"{m} {lr:g}" for m, lr in METHOD_LR.items())
+        + ")",
+    )
+    p.add_argument(
+        "--ranks", default=None, help=f"lora_diffusion: rank per phase (default: {RANKS})"
+    )
     p.add_argument(
         "--k", type=int, default=None, help=f"lora_diffusion: modules per phase (default: {K})"
     )
@@ -66,9 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-steps", type=int, default=None, help="sampling steps at evaluation")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint interval (steps)")
     p.add_argument(
-        "--resume-from", default=None,
+        "--resume-from",
+        default=None,
         help="a training-state folder to start from (Ray reruns resume by themselves)",
-    )  # fmt: skip
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     raytrain.add_ray_flags(p)
@@ -133,8 +144,10 @@ def main(argv=None) -> dict:
 
     raytrain.check_flags(a)
     if a.strategy == "fsdp" and a.method != "lora_diffusion":
-        fail(f"--strategy fsdp shards the frozen base: it needs --method lora_diffusion "
-             f"(the base of {a.method!r} is not whole and frozen); use --strategy ddp")  # fmt: skip
+        fail(
+            f"--strategy fsdp shards the frozen base: it needs --method lora_diffusion "
+            f"(the base of {a.method!r} is not whole and frozen); use --strategy ddp"
+        )
     try:
         cfg = build_config(a)
     except (KeyError, ValueError) as e:
@@ -146,15 +159,23 @@ def main(argv=None) -> dict:
     resources = None if a.no_ray else raytrain.connect(a)  # exits before any work if short
 
     tracker = Tracker.from_args(a, f"lora-diffusion/{a.task}", run_name(cfg))
-    tracker.log_config(cfg, task=a.task, method=a.method, workers=a.num_workers,
-                       strategy=a.strategy if a.num_workers > 1 else "single")  # fmt: skip
+    tracker.log_config(
+        cfg,
+        task=a.task,
+        method=a.method,
+        workers=a.num_workers,
+        strategy=a.strategy if a.num_workers > 1 else "single",
+    )
     try:
         if a.no_ray:
             result = finetune(cfg, report=_printer(tracker.report), progress=not a.no_progress)
         else:
             paths = ("base", "data_dir", "corpus_dir", "cache_dir", "resume_from")
-            config = {"cfg": raytrain.absolute_paths(cfg, paths),
-                      "tracking": tracker.worker_spec(), "progress": False}  # fmt: skip
+            config = {
+                "cfg": raytrain.absolute_paths(cfg, paths),
+                "tracking": tracker.worker_spec(),
+                "progress": False,
+            }
             result, _ = raytrain.run(train_loop, config, a, resources)
             result["adaptor_dir"] = str(Path(a.output_dir) / "adaptor")
     except FileNotFoundError as e:
@@ -191,14 +212,19 @@ def train_loop(config: dict) -> None:
     work = Path(tempfile.mkdtemp(prefix="ld-train-"))
     resume = raytrain.resume_dir("train")
     cfg = dataclasses.replace(
-        config["cfg"], output_dir=str(work / "output"),
-        resume_from=resume or config["cfg"].resume_from, threads=None,
-    )  # fmt: skip
+        config["cfg"],
+        output_dir=str(work / "output"),
+        resume_from=resume or config["cfg"].resume_from,
+        threads=None,
+    )
     logger = RunLogger(config["tracking"] if dist.rank == 0 else None)
     result = finetune(
-        cfg, report=_printer(logger.report), progress=config["progress"], dist=dist,
+        cfg,
+        report=_printer(logger.report),
+        progress=config["progress"],
+        dist=dist,
         checkpoint_hook=raytrain.checkpoint_hook(dist.rank, work / "state"),
-    )  # fmt: skip
+    )
     result.update(raytrain.SHARD_STATS)
     raytrain.report_final(dist.rank, result, work / "output", work / "state")
 
