@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lora_diffusion.baselines import DEFAULT_LR  # noqa: E402
-from lora_diffusion.config import apply_overrides  # noqa: E402
-from lora_diffusion.finetune import METHODS, FinetuneConfig, finetune  # noqa: E402
-from lora_diffusion.training import TrainConfig  # noqa: E402
+from lora_diffusion.baselines import DEFAULT_LR
+from lora_diffusion.config import apply_overrides
+from lora_diffusion.finetune import METHODS, FinetuneConfig, finetune
+from lora_diffusion.training import TrainConfig
 
 COLUMNS = (
     ("method", "method", "{}"),

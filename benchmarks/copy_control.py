@@ -14,22 +14,18 @@ The task's files are written to a temporary data directory (the shipped data is 
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lora_diffusion.config import apply_overrides  # noqa: E402
-from lora_diffusion.data import collate, encode_prompt  # noqa: E402
-from lora_diffusion.finetune import FinetuneConfig, finetune  # noqa: E402
-from lora_diffusion.models import load_base  # noqa: E402
-from lora_diffusion.tasks import TASKS, Task, resolve_data_dir  # noqa: E402
-from lora_diffusion.training import TrainConfig  # noqa: E402
+from lora_diffusion.config import apply_overrides
+from lora_diffusion.data import collate, encode_prompt
+from lora_diffusion.finetune import FinetuneConfig, finetune
+from lora_diffusion.models import load_base
+from lora_diffusion.tasks import TASKS, Task, resolve_data_dir
+from lora_diffusion.training import TrainConfig
 
 WORDS = ("negative", "positive")
 

@@ -1,42 +1,112 @@
 """Flags and output shared by every job: --output-dir, --max-steps, --seed, --data-dir, --json,
---set key=value overrides."""
+--set key=value overrides; the parser that answers --help and flag errors at once."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from lora_diffusion import tasks
-
 REPO = Path(__file__).resolve().parent.parent
+
+# What --help states about the library, kept here so that --help and flag errors answer before
+# the library is imported (it loads torch and transformers: ~5 s on 2 cores).
+# tests/test_jobs.py checks each entry against the library, so a change there fails CI until it
+# is made here too.
+TASKS = ("agnews", "cola", "sst2", "trec")  # lora_diffusion.tasks.TASKS
+METHOD_LR = {  # lora_diffusion.finetune.METHODS, each with its baselines.DEFAULT_LR
+    "lora_diffusion": 2e-3,
+    "full": 1e-4,
+    "weight_lora": 1e-3,
+    "adapters": 1e-3,
+    "bitfit": 5e-3,
+    "prefix": 5e-3,
+    "loreft": 2e-3,
+    "nara": 1e-3,
+}
+PRESETS = ("tiny", "small", "sedd-small", "paper-350m", "paper-1.3b", "paper-7b")
+FINETUNE_STEPS = 1000  # FinetuneConfig().train.max_steps
+PRETRAIN_STEPS = 1500  # PretrainConfig's train.max_steps
+MULTITASK_STEPS = 1000  # MultitaskConfig's train.max_steps
+RANKS, K = "64,32,8", 2  # AdaptorConfig's ranks and k
+
+
+# What a run prints is progress, results and errors: the libraries' own progress bars and INFO
+# lines stay off the screen (a user's environment wins). Forwarded to Ray workers as well.
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar too
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default once: not when it is None, False or empty, nor when the help
+    text already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default in ("", [], ())
+            or default is argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class JobParser(argparse.ArgumentParser):
+    """A job's flags. An error is one line and a hint, as the jobs' own errors are; parsing
+    imports nothing heavy, and the library is imported only after it (for --data-dir's
+    default)."""
+
+    def __init__(self, description: str):
+        super().__init__(description=description, formatter_class=HelpFormatter)
+
+    def error(self, message: str):
+        message = message.removeprefix("argument ").replace("invalid choice: ", "invalid choice ")
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+    def parse_args(self, args=None, namespace=None):
+        a = super().parse_args(args, namespace)
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
+        if getattr(a, "data_dir", "") is None:
+            a.data_dir = default_data_dir()
+        return a
 
 
 def default_data_dir() -> str:
-    """The library's lookup ($LORA_DIFFUSION_DATA_DIR, ../shared/data); shown in --help."""
+    """The library's lookup ($LORA_DIFFUSION_DATA_DIR, ../shared/data)."""
+    from lora_diffusion import tasks
+
     try:
         return str(tasks.default_data_dir())
     except tasks.DataError:
         return str(REPO.parent / "shared" / "data")
 
 
-def base_parser(description: str, training: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+def base_parser(description: str, training: bool = True, max_steps: int | None = None) -> JobParser:
+    """The flags every job has; `training` adds --output-dir, --max-steps (whose default,
+    `max_steps`, the job's config holds) and --set."""
+    p = JobParser(description)
     p.add_argument(
         "--data-dir",
-        default=default_data_dir(),
-        help="folder of task data and corpus (env LORA_DIFFUSION_DATA_DIR)",
+        default=None,
+        help="folder of task data and corpus (default: $LORA_DIFFUSION_DATA_DIR, else "
+        "../shared/data)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--json", action="store_true", help="last stdout line: one JSON of results")
     if training:
         p.add_argument("--output-dir", required=True, help="where the run writes its files")
-        p.add_argument(
-            "--max-steps", type=int, default=None, help="optimizer steps (default: the job's)"
-        )
+        steps = f" (default: {max_steps})" if max_steps else ""
+        p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps{steps}")
         p.add_argument(
             "--set",
             dest="overrides",
@@ -46,6 +116,11 @@ def base_parser(description: str, training: bool = True) -> argparse.ArgumentPar
             help="dotted config override, repeatable (e.g. train.lr=1e-3, diffusion.steps=50)",
         )
     return p
+
+
+def config_error(e: Exception) -> str:
+    """The message of a config error (a KeyError's str() would wrap it in quotes)."""
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 
 def emit(result: dict, as_json: bool) -> None:

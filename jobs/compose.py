@@ -9,13 +9,7 @@ by default, or a saved router with --router); drop = alone - composed.
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from lora_diffusion.models import load_base  # noqa: E402
+from jobs.common import base_parser, emit, fail
 
 
 def parse_args(argv=None):
@@ -40,10 +34,11 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     import json
 
+    a = parse_args(argv)  # first: --help and flag errors answer before torch is imported
     from lora_diffusion.adaptor_io import AdaptorFileError, load_adaptor, load_router
+    from lora_diffusion.models import load_base
     from lora_diffusion.multitask import composition_interference, parse_task_dirs
 
-    a = parse_args(argv)
     try:
         dirs = parse_task_dirs(a.adaptor)
         weights = [float(x) for x in a.weights.split(",")] if a.weights else None

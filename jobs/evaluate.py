@@ -6,25 +6,17 @@ python jobs/evaluate.py --base runs/base-small/model --adaptor runs/sst2/adaptor
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from lora_diffusion.composition import AdaptedDenoiser  # noqa: E402
-from lora_diffusion.corruption import get_process  # noqa: E402
-from lora_diffusion.finetune import FinetuneConfig, evaluate_all  # noqa: E402
-from lora_diffusion.models import load_base  # noqa: E402
-from lora_diffusion.schedules import get_schedule  # noqa: E402
-from lora_diffusion.tasks import TASKS  # noqa: E402
+from jobs.common import TASKS, base_parser, emit, fail
 
 
 def parse_args(argv=None):
     p = base_parser(__doc__.splitlines()[0], training=False)
     p.add_argument("--base", required=True, help="base model folder (or hub id)")
     p.add_argument("--adaptor", default=None, help="adaptor folder; omit to evaluate the base")
-    p.add_argument("--task", default="sst2", help="one of: " + ", ".join(TASKS))
+    p.add_argument(
+        "--task", default="sst2", choices=TASKS, metavar="TASK", help="one of: " + ", ".join(TASKS)
+    )
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate only N examples")
     p.add_argument("--eval-steps", type=int, default=None, help="sampling steps (default: T)")
     p.add_argument(
@@ -42,12 +34,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    a = parse_args(argv)  # first: --help and flag errors answer before torch is imported
     from lora_diffusion.adaptor_io import AdaptorFileError, adaptor_report, load_adaptor
     from lora_diffusion.baselines import load_method, read_method_config
+    from lora_diffusion.composition import AdaptedDenoiser
+    from lora_diffusion.corruption import get_process
+    from lora_diffusion.finetune import FinetuneConfig, evaluate_all
+    from lora_diffusion.models import load_base
+    from lora_diffusion.schedules import get_schedule
 
-    a = parse_args(argv)
-    if a.task not in TASKS:
-        fail(f"unknown task {a.task!r}; known: {', '.join(TASKS)}")
     try:
         base, tok = load_base(a.base)
     except (OSError, ValueError) as e:

@@ -28,16 +28,13 @@ full set; any knob below overrides the scale's value.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from jobs.tracking import check_reachable, tracking_uri  # noqa: E402
+from jobs.common import base_parser, emit, fail
+from jobs.tracking import check_reachable, tracking_uri
 
 STAGES = ("methods", "data_size", "ablations", "tasks", "bases", "report")
 PAPER_METHODS = ("full", "lora_diffusion", "weight_lora", "adapters", "bitfit", "prefix")
@@ -78,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--tracking-uri", default=None,
                    help="default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="the quick scale (~20 min)")
-    p.add_argument("--stages", default=",".join(STAGES), help="comma list of " + ", ".join(STAGES))
+    p.add_argument("--stages", default=",".join(STAGES), help="comma list of stages to run")
     p.add_argument("--task", default="sst2", help="the task of methods/data_size/ablations")
     p.add_argument("--methods", default=None, help="methods stage: comma list")
     p.add_argument("--seeds", default=None, help="methods stage: comma list of seeds")
@@ -97,6 +94,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override passed to every training job, repeatable")  # fmt: skip
+    for action in p._actions:  # the scale's values are these flags' defaults
+        if action.dest in SCALES["full"]:
+            full, quick = SCALES["full"][action.dest], SCALES["quick"][action.dest]
+            action.help += f" (default: {full}; with --quick: {quick})"
     a = p.parse_args(argv)
     scale = SCALES["quick" if a.quick else "full"]
     for key, value in scale.items():

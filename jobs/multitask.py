@@ -7,18 +7,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from lora_diffusion.config import apply_overrides  # noqa: E402
-from lora_diffusion.multitask import MultitaskConfig, train_multitask  # noqa: E402
+from jobs.common import MULTITASK_STEPS, base_parser, config_error, emit, fail
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], max_steps=MULTITASK_STEPS)
     p.add_argument("--base", required=True, help="base model folder (or hub id)")
     p.add_argument("--tasks", default="sst2,cola,trec,agnews", help="comma list, router order")
     p.add_argument(
@@ -44,7 +38,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
+    a = parse_args(argv)  # first: --help and flag errors answer before torch is imported
+    from lora_diffusion.config import apply_overrides
+    from lora_diffusion.multitask import MultitaskConfig, train_multitask
+
     try:
         cfg = MultitaskConfig(
             base=a.base,
@@ -67,7 +64,7 @@ def main(argv=None) -> dict:
         )
         cfg = apply_overrides(dataclasses.replace(cfg, train=train), a.overrides)
     except (KeyError, ValueError) as e:
-        fail(str(e).strip("'\""))
+        fail(config_error(e))
 
     def report(step, m):
         if step % 50 == 0:

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs import raytrain  # noqa: E402
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from jobs.tracking import (  # noqa: E402
+from jobs import raytrain
+from jobs.common import PRESETS, PRETRAIN_STEPS, base_parser, config_error, emit, fail
+from jobs.tracking import (
     RunLogger,
     Tracker,
     add_tracking_flags,
@@ -26,14 +23,11 @@ from jobs.tracking import (  # noqa: E402
     track_base,
     tracking_uri,
 )
-from lora_diffusion.config import apply_overrides  # noqa: E402
-from lora_diffusion.models import PRESETS  # noqa: E402
-from lora_diffusion.pretraining import PretrainConfig, pretrain, task_documents  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--preset", default="small", choices=list(PRESETS), help="model size")
+    p = base_parser(__doc__.splitlines()[0], max_steps=PRETRAIN_STEPS)
+    p.add_argument("--preset", default="small", choices=PRESETS, help="model size")
     p.add_argument("--corpus-dir", default=None, help="default: <data-dir>/corpus")
     p.add_argument("--tokenizer", default=None, help="reuse this saved tokenizer (folder)")
     p.add_argument(
@@ -69,7 +63,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_config(a) -> PretrainConfig:
+def build_config(a):
+    """The run's `PretrainConfig` from its flags; --set overrides last."""
+    from lora_diffusion.config import apply_overrides
+    from lora_diffusion.pretraining import PretrainConfig
+
     cfg = PretrainConfig(
         corpus_dir=a.corpus_dir or os.path.join(a.data_dir, "corpus"),
         output_dir=a.output_dir,
@@ -107,7 +105,9 @@ def build_config(a) -> PretrainConfig:
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
+    a = parse_args(argv)  # first: --help and flag errors answer before torch is imported
+    from lora_diffusion.pretraining import pretrain, task_documents
+
     if not os.path.isdir(a.corpus_dir or os.path.join(a.data_dir, "corpus")):
         fail(f"corpus directory not found: {a.corpus_dir or os.path.join(a.data_dir, 'corpus')}")
     raytrain.check_flags(a)
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
         cfg = build_config(a)
         task_documents(cfg)  # an unknown task or a missing/bad file fails here, not on a worker
     except (KeyError, ValueError) as e:
-        fail(str(e))
+        fail(config_error(e))
     if not a.no_tracking:
         check_reachable(tracking_uri(a.tracking_uri))
     resources = None if a.no_ray else raytrain.connect(a)
@@ -130,8 +130,11 @@ def main(argv=None) -> dict:
             result = pretrain(cfg, report=_printer(tracker.report), progress=not a.no_progress)
         else:
             paths = ("corpus_dir", "tokenizer", "init_from", "cache_dir", "resume_from", "data_dir")
-            config = {"cfg": raytrain.absolute_paths(cfg, paths), "tracking": tracker.worker_spec(),
-                      "tokenizer": _tokenizer_files(cfg)}  # fmt: skip
+            config = {
+                "cfg": raytrain.absolute_paths(cfg, paths),
+                "tracking": tracker.worker_spec(),
+                "tokenizer": _tokenizer_files(cfg),
+            }
             result, out = raytrain.run(pretrain_loop, config, a, resources)
             result["model_dir"] = str(out / "model")
     except BaseException:
@@ -153,7 +156,7 @@ def _printer(report):
     return f
 
 
-def _tokenizer_files(cfg: PretrainConfig) -> dict[str, str]:
+def _tokenizer_files(cfg) -> dict[str, str]:
     """The tokenizer, built once here (or read from --tokenizer/--init-from), as file texts:
     every worker, on any node and after any restart, then uses exactly the same one."""
     from lora_diffusion.corpus import corpus_files, split_files
@@ -169,6 +172,8 @@ def _tokenizer_files(cfg: PretrainConfig) -> dict[str, str]:
 
 def pretrain_loop(config: dict) -> None:
     """One Ray Train worker of the pretraining job (see `jobs/train.py: train_loop`)."""
+    from lora_diffusion.pretraining import pretrain
+
     dist = raytrain.worker_context(config)
     raytrain.pid_file(config, dist.rank)
     work = Path(tempfile.mkdtemp(prefix="ld-pretrain-"))
@@ -177,14 +182,20 @@ def pretrain_loop(config: dict) -> None:
         (work / "tokenizer" / name).write_text(text, encoding="utf-8")
     resume = raytrain.resume_dir("pretrain")
     cfg = dataclasses.replace(
-        config["cfg"], output_dir=str(work / "output"), tokenizer=str(work / "tokenizer"),
-        resume_from=resume or config["cfg"].resume_from, threads=None,
-    )  # fmt: skip
+        config["cfg"],
+        output_dir=str(work / "output"),
+        tokenizer=str(work / "tokenizer"),
+        resume_from=resume or config["cfg"].resume_from,
+        threads=None,
+    )
     logger = RunLogger(config["tracking"] if dist.rank == 0 else None)
     result = pretrain(
-        cfg, report=_printer(logger.report), progress=False, dist=dist,
+        cfg,
+        report=_printer(logger.report),
+        progress=False,
+        dist=dist,
         checkpoint_hook=raytrain.checkpoint_hook(dist.rank, work / "state"),
-    )  # fmt: skip
+    )
     raytrain.report_final(dist.rank, result, work / "output", work / "state")
 
 

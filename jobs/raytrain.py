@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from jobs.common import REPO, fail
+from jobs.common import QUIET_ENV, REPO, fail
 
 # Ray settings this project needs on any machine (see ../shared/PLATFORM_NOTES.md); a user's
 # own environment wins.
@@ -33,6 +34,10 @@ RAY_ENV = {
     "RAY_AUTH_MODE": "token",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    # Train V2 sends a worker's print() to its logger and, where stdout is wrapped, to stdout
+    # as well: every progress line showed twice, and text that libraries capture from print
+    # (dill's disassembly when datasets hashes a function) leaked to the screen
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
 STATE_DIR = "state"  # inside a checkpoint: the training state (weights, optimizer, step)
@@ -45,25 +50,32 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=1, help="training workers (data-parallel)")
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
     g.add_argument(
-        "--cpus-per-worker", type=float, default=None,
+        "--cpus-per-worker",
+        type=float,
+        default=None,
         help="CPUs per worker (default: the cluster's CPUs / workers, at least 1)",
-    )  # fmt: skip
+    )
     g.add_argument(
-        "--strategy", choices=STRATEGIES, default="ddp",
+        "--strategy",
+        choices=STRATEGIES,
+        default="ddp",
         help="ddp: every worker holds the base; fsdp: the frozen base is sharded across "
         "workers (FSDP2), the trainable parameters stay data-parallel",
-    )  # fmt: skip
+    )
     g.add_argument(
-        "--address", default=None,
+        "--address",
+        default=None,
         help="Ray cluster to join (default: $RAY_ADDRESS, set by `ray job submit`; "
         "else a local Ray runtime is started)",
-    )  # fmt: skip
+    )
     g.add_argument("--storage-path", default=None, help="checkpoints (default OUTPUT_DIR/ray)")
     g.add_argument("--run-name", default="train", help="Ray Train run name under the storage")
     g.add_argument(
-        "--max-failures", type=int, default=2,
+        "--max-failures",
+        type=int,
+        default=2,
         help="restarts from the last checkpoint after a worker dies (-1: unlimited)",
-    )  # fmt: skip
+    )
     g.add_argument("--restart", action="store_true", help="ignore earlier checkpoints of the run")
     g.add_argument(
         "--no-ray", action="store_true", help="run the loop in this process, without Ray (debug)"
@@ -82,12 +94,12 @@ def check_flags(a) -> None:
 def connect(a) -> dict:
     """Join or start Ray and check it can host the workers; exits 2 before any work if not.
     Returns the resources each worker gets."""
-    for k, v in RAY_ENV.items():
+    for k, v in {**RAY_ENV, **QUIET_ENV}.items():
         os.environ.setdefault(k, v)
     import ray
 
     address = a.address or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in RAY_ENV}
+    env = {k: os.environ[k] for k in (*RAY_ENV, *QUIET_ENV)}
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
     )  # workers import `jobs` and `lora_diffusion` from this checkout
@@ -116,11 +128,15 @@ def connect(a) -> dict:
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     per = a.cpus_per_worker or max(1.0, float(int(cpus // a.num_workers)))
     if per * a.num_workers > cpus:
-        fail(f"the Ray cluster has {cpus:g} CPUs; {a.num_workers} workers x {per:g} CPUs "
-             "do not fit (lower --num-workers or --cpus-per-worker, or add nodes)")  # fmt: skip
+        fail(
+            f"the Ray cluster has {cpus:g} CPUs; {a.num_workers} workers x {per:g} CPUs "
+            "do not fit (lower --num-workers or --cpus-per-worker, or add nodes)"
+        )
     if a.use_gpu and gpus < a.num_workers:
-        fail(f"the Ray cluster has {gpus:g} GPUs; --use-gpu with {a.num_workers} workers "
-             "needs one each")  # fmt: skip
+        fail(
+            f"the Ray cluster has {gpus:g} GPUs; --use-gpu with {a.num_workers} workers "
+            "needs one each"
+        )
     return {"CPU": per, **({"GPU": 1.0} if a.use_gpu else {})}
 
 
@@ -139,8 +155,11 @@ def absolute_paths(cfg, keys: tuple[str, ...]):
     driver's working directory."""
     import dataclasses
 
-    paths = {k: os.path.abspath(getattr(cfg, k)) for k in keys
-             if getattr(cfg, k) and os.path.exists(getattr(cfg, k))}  # fmt: skip
+    paths = {
+        k: os.path.abspath(getattr(cfg, k))
+        for k in keys
+        if getattr(cfg, k) and os.path.exists(getattr(cfg, k))
+    }
     return dataclasses.replace(cfg, **paths)
 
 
@@ -148,12 +167,17 @@ def run(loop: Callable[[dict], None], config: dict, a, resources: dict) -> tuple
     """Run `loop` on the workers; copy the run's files to OUTPUT_DIR. Returns (the results:
     rank 0's final report merged with the metrics.json it wrote, lists included; OUTPUT_DIR).
     A run that fails after its restarts exits 1."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     path, name = storage(a)
-    config = {**config, "strategy": a.strategy, "use_gpu": a.use_gpu,
-              "threads": a.threads or max(1, int(resources["CPU"]))}  # fmt: skip
+    config = {
+        **config,
+        "strategy": a.strategy,
+        "use_gpu": a.use_gpu,
+        "threads": a.threads or max(1, int(resources["CPU"])),
+    }
     trainer = TorchTrainer(
         loop,
         train_loop_config=config,
@@ -165,10 +189,10 @@ def run(loop: Callable[[dict], None], config: dict, a, resources: dict) -> tuple
             storage_path=path,
             failure_config=FailureConfig(max_failures=a.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines (worker group, checkpoints) go to its log files only
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    import ray
-
     try:
         result = trainer.fit()
     except Exception as e:
@@ -202,6 +226,8 @@ def worker_context(config: dict):
 
     from lora_diffusion.training import Distributed
 
+    # Ray Train sets a worker's root logger to INFO, and logs each report there
+    logging.getLogger().setLevel(logging.WARNING)
     torch.set_num_threads(int(config["threads"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -224,15 +250,19 @@ def worker_context(config: dict):
         # find_unused_parameters: a step-adaptive adaptor uses only the phases its batch's
         # t fall in.
         return prepare_model(
-            module, move_to_device=False,
+            module,
+            move_to_device=False,
             parallel_strategy_kwargs={"find_unused_parameters": True},
-        )  # fmt: skip
+        )
 
     return Distributed(
-        rank=rank, world_size=world, prepare=prepare,
-        all_reduce=all_reduce if world > 1 else None, device=str(device),
+        rank=rank,
+        world_size=world,
+        prepare=prepare,
+        all_reduce=all_reduce if world > 1 else None,
+        device=str(device),
         sharded_base=world > 1 and config["strategy"] == "fsdp",
-    )  # fmt: skip
+    )
 
 
 SHARD_STATS: dict[str, int] = {}  # this worker's frozen parameters: in all, and held locally

@@ -8,13 +8,9 @@ python jobs/register.py --list sst2-ld
 from __future__ import annotations
 
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from jobs.tracking import check_reachable, register, tracking_uri  # noqa: E402
+from jobs.common import base_parser, emit, fail
+from jobs.tracking import check_reachable, register, tracking_uri
 
 #: Run tags a version inherits when a run is registered here (set by jobs/train.py).
 LINEAGE_TAGS = ("task", "method", "base_fingerprint", "base_name", "base_version")
@@ -22,11 +18,18 @@ LINEAGE_TAGS = ("task", "method", "base_fingerprint", "base_name", "base_version
 
 def parse_args(argv=None):
     p = base_parser(__doc__.splitlines()[0], training=False)
-    p.add_argument("--tracking-uri", default=None,
-                   help="default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")  # fmt: skip
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db",
+    )
     p.add_argument("--list", metavar="NAME", default=None, help="print NAME's versions")
-    p.add_argument("--name", default=None, help="registered model (default with --run-id: the "
-                   "one the run registered, else <task>-<method>)")  # fmt: skip
+    p.add_argument(
+        "--name",
+        default=None,
+        help="registered model (default with --run-id: the "
+        "one the run registered, else <task>-<method>)",
+    )
     p.add_argument("--run-id", default=None, help="register this run's adaptor as a new version")
     p.add_argument("--version", default=None, help="an existing version of --name")
     p.add_argument("--alias", default=None, help="alias to point at the version (e.g. production)")
@@ -38,8 +41,9 @@ def list_versions(client, name: str) -> list[dict]:
     rows = []
     for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
         held = sorted(a for a, ver in aliases.items() if str(ver) == str(v.version))
-        rows.append({"version": int(v.version), "aliases": held, "run_id": v.run_id,
-                     "tags": dict(v.tags)})  # fmt: skip
+        rows.append(
+            {"version": int(v.version), "aliases": held, "run_id": v.run_id, "tags": dict(v.tags)}
+        )
         print(f"{name} v{v.version} aliases={','.join(held) or '-'} run={v.run_id}")
         for k, val in sorted(v.tags.items()):
             print(f"    {k}: {val}")
@@ -77,8 +81,10 @@ def main(argv=None) -> dict:
             client.set_registered_model_alias(a.name, a.alias, a.version)
             result = {"name": a.name, "version": int(a.version), "alias": a.alias}
         else:
-            fail("pass --list NAME, --run-id RUN [--name NAME] [--alias A], "
-                 "or --name NAME --version V --alias A")  # fmt: skip
+            fail(
+                "pass --list NAME, --run-id RUN [--name NAME] [--alias A], "
+                "or --name NAME --version V --alias A"
+            )
     except MlflowException as e:
         fail(e.message)
     if a.list:  # the versions are printed already; --json adds them as one line

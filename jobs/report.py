@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shlex
 import statistics
@@ -23,10 +22,8 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from jobs.tracking import check_reachable, tracking_uri  # noqa: E402
+from jobs.common import base_parser, emit, fail
+from jobs.tracking import check_reachable, tracking_uri
 
 PARENT_TAG = "mlflow.parentRunId"  # set on jobs/sweep.py's trial runs
 NOT_TRAINING = {"sweep", "base", "report"}  # tag `kind` of sweep parents, pretraining, reports

@@ -5,14 +5,7 @@ python jobs/sample.py --model runs/base-small/model --prompt "The city of" --num
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from lora_diffusion.generation import continuation_batch, generate  # noqa: E402
-from lora_diffusion.models import load_base  # noqa: E402
+from jobs.common import base_parser, emit, fail
 
 
 def parse_args(argv=None):
@@ -30,7 +23,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
+    a = parse_args(argv)  # first: --help and flag errors answer before torch is imported
+    from lora_diffusion.generation import continuation_batch, generate
+    from lora_diffusion.models import load_base
+
     if a.num_samples < 1 or a.gen_length < 1:
         fail("--num-samples and --gen-length must be >= 1")
     try:

@@ -21,24 +21,22 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import yaml
 
-import yaml  # noqa: E402
-
-from jobs import raytrain  # noqa: E402
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from jobs.tracking import (  # noqa: E402
+from jobs import raytrain
+from jobs.common import FINETUNE_STEPS, METHOD_LR, TASKS, base_parser, config_error, emit, fail
+from jobs.tracking import (
     add_tracking_flags,
     check_reachable,
     flatten,
     parse_tags,
     tracking_uri,
 )
-from lora_diffusion.baselines import DEFAULT_LR  # noqa: E402
-from lora_diffusion.config import apply_overrides  # noqa: E402
-from lora_diffusion.finetune import FinetuneConfig  # noqa: E402
-from lora_diffusion.tasks import TASKS  # noqa: E402
+
+if TYPE_CHECKING:  # imported where used, after the flags are parsed
+    from lora_diffusion.finetune import FinetuneConfig
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "value")
 
@@ -88,6 +86,8 @@ def _assignments(key: str, value) -> list[str]:
 def validate_space(space: dict, cfg: FinetuneConfig, hidden_size: int) -> None:
     """Fail (exit 2) before any trial on an unknown key, an empty or malformed choice, a bad
     range, or a rank above the base's hidden size, naming the offending key."""
+    from lora_diffusion.config import apply_overrides
+
     for key, spec in {**space["params"], **(space.get("fixed") or {})}.items():
         if key in (space.get("fixed") or {}):
             spec = {"value": spec}
@@ -114,7 +114,7 @@ def validate_space(space: dict, cfg: FinetuneConfig, hidden_size: int) -> None:
             try:
                 trial_cfg = apply_overrides(cfg, _assignments(key, v))
             except (KeyError, ValueError) as e:
-                fail(f"search space: param {key!r}: {e}")
+                fail(f"search space: param {key!r}: {config_error(e)}")
             too_big = [r for r in trial_cfg.adaptor.ranks if r > hidden_size]
             if too_big:
                 fail(
@@ -154,6 +154,8 @@ def space_metric(space: dict, holdout: int) -> str:
 
 
 def trial_config(base_cfg: FinetuneConfig, params: dict, fixed: dict, out_dir: str):
+    from lora_diffusion.config import apply_overrides
+
     sets = [s for k, v in fixed.items() for s in _assignments(k, v)]
     sets += [s for k, v in params.items() for s in _assignments(k, v)]
     return dataclasses.replace(apply_overrides(base_cfg, sets), output_dir=out_dir)
@@ -270,11 +272,13 @@ class TrialRun:
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], max_steps=FINETUNE_STEPS)
     p.add_argument("--space", required=True, help="a space file, e.g. tune_spaces/broad.yaml")
     p.add_argument("--base", required=True, help="base model folder")
-    p.add_argument("--task", default="sst2", help="one of: " + ", ".join(TASKS))
-    p.add_argument("--method", default="lora_diffusion", help="the tuned method")
+    p.add_argument("--task", default="sst2", choices=TASKS, metavar="TASK",
+                   help="one of: " + ", ".join(TASKS))  # fmt: skip
+    p.add_argument("--method", default="lora_diffusion", choices=METHOD_LR, metavar="METHOD",
+                   help="the tuned method, one of: " + ", ".join(METHOD_LR))  # fmt: skip
     p.add_argument(
         "--num-samples",
         type=int,
@@ -338,8 +342,10 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     # the argv it was given: jobs/experiments.py calls main() in its own process
     a.command = "python jobs/sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if a.task not in TASKS:
-        fail(f"unknown task {a.task!r}; known: {', '.join(TASKS)}")
+    from lora_diffusion.baselines import DEFAULT_LR
+    from lora_diffusion.config import apply_overrides
+    from lora_diffusion.finetune import FinetuneConfig
+
     space = load_space(a.space)
     a.metric = a.metric or space_metric(space, a.holdout)
     name = a.name or space["name"]
@@ -356,7 +362,7 @@ def main(argv=None) -> dict:
     try:
         base_cfg = apply_overrides(dataclasses.replace(base_cfg, train=train), a.overrides)
     except (KeyError, ValueError) as e:
-        fail(str(e))
+        fail(config_error(e))
     # Tune runs each trial in its own working directory
     base_cfg = raytrain.absolute_paths(base_cfg, ("base", "data_dir", "corpus_dir", "cache_dir"))
     if not Path(base_cfg.base, "config.json").is_file():

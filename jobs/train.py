@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jobs import raytrain  # noqa: E402
-from jobs.common import base_parser, emit, fail  # noqa: E402
-from jobs.tracking import (  # noqa: E402
+from jobs import raytrain
+from jobs.common import (
+    FINETUNE_STEPS,
+    METHOD_LR,
+    RANKS,
+    TASKS,
+    K,
+    base_parser,
+    config_error,
+    emit,
+    fail,
+)
+from jobs.tracking import (
     RunLogger,
     Tracker,
     add_tracking_flags,
@@ -28,25 +35,36 @@ from jobs.tracking import (  # noqa: E402
     track_adaptor,
     tracking_uri,
 )
-from lora_diffusion.baselines import DEFAULT_LR  # noqa: E402
-from lora_diffusion.config import apply_overrides  # noqa: E402
-from lora_diffusion.finetune import METHODS, FinetuneConfig, finetune  # noqa: E402
-from lora_diffusion.tasks import TASKS  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], max_steps=FINETUNE_STEPS)
     p.add_argument("--base", required=True, help="base model folder (or hub id)")
-    p.add_argument("--method", default="lora_diffusion", help="one of: " + ", ".join(METHODS))
-    p.add_argument("--task", default="sst2", help="one of: " + ", ".join(TASKS))
+    p.add_argument(
+        "--method",
+        default="lora_diffusion",
+        choices=METHOD_LR,
+        metavar="METHOD",
+        help="one of: " + ", ".join(METHOD_LR),
+    )
+    p.add_argument(
+        "--task", default="sst2", choices=TASKS, metavar="TASK", help="one of: " + ", ".join(TASKS)
+    )
     p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
     p.add_argument(
-        "--lr", type=float, default=None,
-        help="peak learning rate; default: the method's ("
-        + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")",
-    )  # fmt: skip
-    p.add_argument("--ranks", default=None, help="lora_diffusion: rank per phase, e.g. 64,32,8")
-    p.add_argument("--k", type=int, default=None, help="lora_diffusion: modules per phase")
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: the method's: "
+        + ", ".join(f"{m} {lr:g}" for m, lr in METHOD_LR.items())
+        + ")",
+    )
+    p.add_argument(
+        "--ranks", default=None, help=f"lora_diffusion: rank per phase (default: {RANKS})"
+    )
+    p.add_argument(
+        "--k", type=int, default=None, help=f"lora_diffusion: modules per phase (default: {K})"
+    )
     p.add_argument("--lora-rank", type=int, help="weight_lora: rank (baselines.lora_rank)")
     p.add_argument("--bottleneck", type=int, help="adapters: width (baselines.bottleneck)")
     p.add_argument("--prefix-length", type=int, help="prefix: length (baselines.prefix_length)")
@@ -58,9 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-steps", type=int, default=None, help="sampling steps at evaluation")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint interval (steps)")
     p.add_argument(
-        "--resume-from", default=None,
+        "--resume-from",
+        default=None,
         help="a training-state folder to start from (Ray reruns resume by themselves)",
-    )  # fmt: skip
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     raytrain.add_ray_flags(p)
@@ -80,7 +99,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_config(a) -> FinetuneConfig:
+def build_config(a):
+    """The run's `FinetuneConfig` from its flags; --set overrides last."""
+    from lora_diffusion.baselines import DEFAULT_LR
+    from lora_diffusion.config import apply_overrides
+    from lora_diffusion.finetune import FinetuneConfig
+
     cfg = FinetuneConfig(
         base=a.base,
         output_dir=a.output_dir,
@@ -115,19 +139,19 @@ def build_config(a) -> FinetuneConfig:
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
-    if a.method not in METHODS:
-        fail(f"unknown method {a.method!r}; known: {', '.join(METHODS)}")
-    if a.task not in TASKS:
-        fail(f"unknown task {a.task!r}; known: {', '.join(TASKS)}")
+    a = parse_args(argv)  # first: --help and flag errors answer before torch is imported
+    from lora_diffusion.finetune import finetune
+
     raytrain.check_flags(a)
     if a.strategy == "fsdp" and a.method != "lora_diffusion":
-        fail(f"--strategy fsdp shards the frozen base: it needs --method lora_diffusion "
-             f"(the base of {a.method!r} is not whole and frozen); use --strategy ddp")  # fmt: skip
+        fail(
+            f"--strategy fsdp shards the frozen base: it needs --method lora_diffusion "
+            f"(the base of {a.method!r} is not whole and frozen); use --strategy ddp"
+        )
     try:
         cfg = build_config(a)
     except (KeyError, ValueError) as e:
-        fail(str(e))
+        fail(config_error(e))
     if not os.path.exists(cfg.base) and "/" not in cfg.base.strip("./"):
         fail(f"base {cfg.base!r} not found (a model folder, or a hub id like org/name)")
     if not a.no_tracking:  # the quick check first: a dead server fails in seconds
@@ -135,15 +159,23 @@ def main(argv=None) -> dict:
     resources = None if a.no_ray else raytrain.connect(a)  # exits before any work if short
 
     tracker = Tracker.from_args(a, f"lora-diffusion/{a.task}", run_name(cfg))
-    tracker.log_config(cfg, task=a.task, method=a.method, workers=a.num_workers,
-                       strategy=a.strategy if a.num_workers > 1 else "single")  # fmt: skip
+    tracker.log_config(
+        cfg,
+        task=a.task,
+        method=a.method,
+        workers=a.num_workers,
+        strategy=a.strategy if a.num_workers > 1 else "single",
+    )
     try:
         if a.no_ray:
             result = finetune(cfg, report=_printer(tracker.report), progress=not a.no_progress)
         else:
             paths = ("base", "data_dir", "corpus_dir", "cache_dir", "resume_from")
-            config = {"cfg": raytrain.absolute_paths(cfg, paths),
-                      "tracking": tracker.worker_spec(), "progress": False}  # fmt: skip
+            config = {
+                "cfg": raytrain.absolute_paths(cfg, paths),
+                "tracking": tracker.worker_spec(),
+                "progress": False,
+            }
             result, _ = raytrain.run(train_loop, config, a, resources)
             result["adaptor_dir"] = str(Path(a.output_dir) / "adaptor")
     except FileNotFoundError as e:
@@ -173,19 +205,26 @@ def _printer(report):
 def train_loop(config: dict) -> None:
     """One Ray Train worker: the library's `finetune` with this worker's rank, DDP/FSDP and
     checkpoints through Ray (restored after a worker failure or on a rerun of the run)."""
+    from lora_diffusion.finetune import finetune
+
     dist = raytrain.worker_context(config)
     raytrain.pid_file(config, dist.rank)
     work = Path(tempfile.mkdtemp(prefix="ld-train-"))
     resume = raytrain.resume_dir("train")
     cfg = dataclasses.replace(
-        config["cfg"], output_dir=str(work / "output"),
-        resume_from=resume or config["cfg"].resume_from, threads=None,
-    )  # fmt: skip
+        config["cfg"],
+        output_dir=str(work / "output"),
+        resume_from=resume or config["cfg"].resume_from,
+        threads=None,
+    )
     logger = RunLogger(config["tracking"] if dist.rank == 0 else None)
     result = finetune(
-        cfg, report=_printer(logger.report), progress=config["progress"], dist=dist,
+        cfg,
+        report=_printer(logger.report),
+        progress=config["progress"],
+        dist=dist,
         checkpoint_hook=raytrain.checkpoint_hook(dist.rank, work / "state"),
-    )  # fmt: skip
+    )
     result.update(raytrain.SHARD_STATS)
     raytrain.report_final(dist.rank, result, work / "output", work / "state")
 

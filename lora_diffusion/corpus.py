@@ -88,7 +88,11 @@ def packed_blocks(
         return {"ids": [x + [eos] for x in ids]}
 
     ds = datasets.Dataset.from_dict({"text": docs}).map(
-        tokenize, batched=True, remove_columns=["text"], desc="tokenising corpus"
+        tokenize,
+        batched=True,
+        remove_columns=["text"],
+        new_fingerprint=key,  # hashing the tokenizer closure fails noisily (and is not needed)
+        desc="tokenising corpus",
     )
     flat = np.fromiter((i for x in ds["ids"] for i in x), dtype=np.int64)
     n = len(flat) // block_length

@@ -1,6 +1,7 @@
 """The real job CLIs on tiny settings, as users run them."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,72 @@ def last_json(stdout: str) -> dict:
 def test_every_job_documents_its_flags(job):
     out = run_job(f"jobs/{job}", "--help").stdout
     assert "--json" in out and "--data-dir" in out and "--seed" in out
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_help_shows_each_real_default_once_and_loads_no_heavy_library(job):
+    # -X importtime lists every module the --help run imported
+    proc = run_job("-X", "importtime", f"jobs/{job}", "--help")
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert "default: None" not in text
+    assert not re.search(r"\(default:[^()]*\)\s*\(default:", text), text
+    assert not re.search(r"default:[^()]*\(default:", text), text
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()}
+    heavy = {"torch", "ray", "mlflow", "transformers", "datasets", "lora_diffusion"} & imported
+    assert not heavy, f"{job} --help imported {heavy}"
+
+
+def test_help_states_the_real_values_of_steps_ranks_and_k():
+    text = " ".join(run_job("jobs/train.py", "--help").stdout.split())
+    assert "--max-steps MAX_STEPS optimizer steps (default: 1000)" in text
+    assert "rank per phase (default: 64,32,8)" in text
+    assert "modules per phase (default: 2)" in text
+    assert "lora_diffusion 0.002" in text  # the method's learning rate
+
+
+def test_what_help_states_about_the_library_is_what_the_library_holds():
+    from jobs import common
+    from lora_diffusion.adaptor import AdaptorConfig
+    from lora_diffusion.baselines import DEFAULT_LR
+    from lora_diffusion.finetune import METHODS, FinetuneConfig
+    from lora_diffusion.models import PRESETS
+    from lora_diffusion.multitask import MultitaskConfig
+    from lora_diffusion.pretraining import PretrainConfig
+    from lora_diffusion.tasks import TASKS
+
+    assert sorted(common.TASKS) == sorted(TASKS)
+    assert sorted(common.METHOD_LR) == sorted(METHODS)
+    assert common.METHOD_LR == {m: DEFAULT_LR[m] for m in common.METHOD_LR}
+    assert list(common.PRESETS) == list(PRESETS)
+    assert common.FINETUNE_STEPS == FinetuneConfig(base="b", output_dir="o").train.max_steps
+    assert common.PRETRAIN_STEPS == PretrainConfig(corpus_dir="c", output_dir="o").train.max_steps
+    assert common.MULTITASK_STEPS == MultitaskConfig(base="b", output_dir="o").train.max_steps
+    adaptor = AdaptorConfig()
+    assert common.RANKS == ",".join(map(str, adaptor.ranks)) and common.K == adaptor.k
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["jobs/pretrain.py", "--preset", "x", "--output-dir", "o"], "invalid choice 'x'"),
+        (["jobs/train.py", "--base", "b"], "the following arguments are required: --output-dir"),
+        (["jobs/train.py", "--base", "b", "--output-dir", "o", "--bogus"], "unrecognized"),
+        (["jobs/sweep.py", "--space", "s", "--base", "b", "--output-dir", "o", "--task", "x"],
+         "--task: invalid choice 'x'"),
+    ],
+)  # fmt: skip
+def test_a_flag_error_is_one_line_with_a_hint_and_exit_code_2(args, says):
+    proc = run_job(*args, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip().endswith("; see --help")
+
+
+def test_a_bad_set_key_is_named_without_stray_quotes(tmp_path):
+    proc = run_job("jobs/train.py", "--base", "b", "--output-dir", str(tmp_path / "o"),
+                   "--set", "adaptor.bogus=1", "--no-tracking", check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown config key 'adaptor.bogus'"), proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -175,3 +175,16 @@ def test_pretraining_on_two_workers_matches_one_process(ray_cluster, data_dir, t
     assert (tmp_path / "b" / "model" / "tokenizer.json").read_text() == (
         tmp_path / "a" / "model" / "tokenizer.json"
     ).read_text()
+
+
+def test_a_ray_run_prints_its_progress_once_and_no_library_internals(
+    ray_cluster, base, data_dir, tmp_path
+):
+    # a cold cache: datasets hashes what it tokenises, the step where dill's disassembly leaked
+    proc = train(base, tmp_path / "out", data_dir, "--max-steps", "50",
+                 "--set", f"cache_dir={tmp_path / 'cache'}", check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    screen = proc.stdout + proc.stderr
+    assert screen.count("step 50: loss") == 1, screen[-3000:]
+    for internal in ("LOAD_GLOBAL", "Reporting training result", "Checkpoint successfully"):
+        assert internal not in screen, internal

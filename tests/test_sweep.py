@@ -55,7 +55,6 @@ def test_bad_spaces_fail_before_any_trial_naming_the_key(base, data_dir, tmp_pat
     assert proc.returncode == 2 and "adaptor.bogus" in proc.stderr, proc.stderr[-1500:]
     assert not (tmp_path / "o" / "tune").exists()  # no trial ever started
     # every other kind of mistake, through the same check the job runs before any trial
-    sys.path.insert(0, str(REPO))
     from jobs.sweep import load_space, validate_space
     from lora_diffusion.finetune import FinetuneConfig
 
@@ -99,7 +98,6 @@ def test_a_grace_period_past_the_step_budget_fails_or_clamps_before_ray_starts(
 
 
 def test_every_shipped_space_is_valid(base, data_dir, tmp_path):
-    sys.path.insert(0, str(REPO))
     from jobs.sweep import load_space, validate_space
     from lora_diffusion.finetune import FinetuneConfig
 
