@@ -100,6 +100,10 @@ class AdaptorConfig:
         metadata={"help": "base states the reader mixes: 0 embeddings, i block i, -1 final"},
     )
     reader_dim: int = field(default=64, metadata={"help": "the reader's width k"})
+    reader_summary: str = field(
+        default="mean",
+        metadata={"help": "add the condition's mean reading to every position: mean | none"},
+    )
     reader_heads: int = field(default=4, metadata={"help": "the reader's attention heads"})
     time_embed_dim: int = field(default=32, metadata={"help": "sinusoidal Emb(t) size"})
     conditional: bool = field(default=True, metadata={"help": "A_i(c) depends on Enc(c)"})
@@ -216,7 +220,9 @@ class TrajectoryAdaptor(nn.Module):
         super().__init__()
         self.cfg, self.d = cfg, d
         self.reader = (
-            StateReader(d, cfg.reader_layers, cfg.reader_dim, cfg.reader_heads)
+            StateReader(
+                d, cfg.reader_layers, cfg.reader_dim, cfg.reader_heads, summary=cfg.reader_summary
+            )  # fmt: skip
             if cfg.reader == "attention"
             else None
         )
@@ -247,9 +253,15 @@ class TrajectoryAdaptor(nn.Module):
         weights = weights * cond.any(-1, keepdim=True).to(weights.dtype)
         return (weights[..., None] * states).sum(1)
 
-    def read(self, states, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def read(
+        self,
+        states,
+        attention_mask: torch.Tensor | None,
+        condition_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x_t for every position (B, L, reader_dim) from the base's layer states (a sequence of
-        (B, L, d), embeddings first, final last; see `reader.StateReader`)."""
+        (B, L, d), embeddings first, final last; see `reader.StateReader`); condition_mask
+        (B, L) marks the condition, whose mean reading every position gets."""
         if self.reader is None:
             raise ValueError("this adaptor has no reader (adaptor.reader=none)")
         n = len(states)
@@ -259,7 +271,7 @@ class TrajectoryAdaptor(nn.Module):
                 f"adaptor.reader_layers {bad} out of range: the base has {n} layer states "
                 f"(0 = embeddings .. {n - 1} = final)"
             )
-        return self.reader(states, attention_mask)
+        return self.reader(states, attention_mask, condition_mask)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
         """Perturbation delta (B, L, d) for representations x (B, L, d_in) at times t (B,)."""

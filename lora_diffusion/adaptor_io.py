@@ -122,6 +122,8 @@ def load_adaptor(
         raw.setdefault("condition_pool", "mean")
         raw.setdefault("gate_init", "zero")
         raw.setdefault("reader", "none")
+        if raw["reader"] != "none":
+            raw.setdefault("reader_summary", "none")  # readers written before the summary
         cfg = AdaptorConfig(**raw)
         d = int(config["hidden_size"])
     except KeyError as e:

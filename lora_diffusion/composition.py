@@ -257,7 +257,8 @@ class AdaptedDenoiser(nn.Module):
                 x_repr["embedding"] = self.base.input_embeddings(input_ids)[sel]
         for name, adaptor in self.adaptors.items():
             if adaptor.reader is not None:  # reads the whole sequence, mixes positions
-                x_repr[READER_KEY + name] = adaptor.read(states, attention_mask)[sel]
+                z = adaptor.read(states, attention_mask, condition_mask)  # (B, L, k)
+                x_repr[READER_KEY + name] = z[sel]
         delta = self.perturbation(x_repr, t[rows], {k: v[rows] for k, v in encs.items()}, w[rows])
         return h.index_put((sel.nonzero(as_tuple=True)), h[sel] + delta)
 

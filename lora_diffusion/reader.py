@@ -14,7 +14,11 @@ layers and lets positions exchange information, and is never backpropagated thro
     z     = W_in s                                   (B, L, k), k = `dim` << d
     z     = z + Attn(LN(z))                          one bidirectional attention layer
     z     = z + MLP(LN(z))                           (rotary positions, padding masked)
-    x_t  := LN(z)                                    what every B_i of the adaptor reads
+    x_t  := LN(z + mean_{j in c} z_j)                what every B_i of the adaptor reads
+
+The condition's mean reading (`summary="mean"`; `"none"` leaves it out) hands every target
+position the whole condition at once: a masked target's own query has to find the telling
+words in one attention layer, while the mean over the condition has them all.
 
 Layer l = 0 is the input embedding, l = 1..n the output of block l, and n + 1 (or -1) the
 final hidden state after the base's last norm. The reader is shared by the adaptor's phases
@@ -34,13 +38,20 @@ from torch.nn import functional as F
 from .models.dit import apply_rotary, rotary_cos_sin
 
 READERS = ("none", "attention")
+SUMMARIES = ("mean", "none")
 
 
 class StateReader(nn.Module):
     """Frozen layer states (a sequence of (B, L, d)) -> per-position reading z (B, L, dim)."""
 
     def __init__(
-        self, d: int, layers: Sequence[int], dim: int, heads: int, mlp_ratio: int = 2
+        self,
+        d: int,
+        layers: Sequence[int],
+        dim: int,
+        heads: int,
+        mlp_ratio: int = 2,
+        summary: str = "mean",
     ) -> None:
         super().__init__()
         if dim % heads or (dim // heads) % 2:
@@ -48,7 +59,9 @@ class StateReader(nn.Module):
                 f"adaptor.reader_dim ({dim}) must split into reader_heads ({heads}) heads of "
                 f"an even size"
             )
-        self.layers, self.heads = tuple(layers), heads
+        if summary not in SUMMARIES:
+            raise ValueError(f"adaptor.reader_summary must be one of {SUMMARIES}: {summary!r}")
+        self.layers, self.heads, self.summary = tuple(layers), heads, summary
         self.mix = nn.Parameter(torch.zeros(len(self.layers)))  # softmax: a plain mean at init
         self.proj = nn.Linear(d, dim)
         self.norm_attn = nn.LayerNorm(dim)
@@ -60,15 +73,24 @@ class StateReader(nn.Module):
         )
         self.norm_out = nn.LayerNorm(dim)
 
-    def forward(self, states: Sequence[torch.Tensor], attention_mask: torch.Tensor | None):
+    def forward(
+        self,
+        states: Sequence[torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        condition_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """states: every layer state of the base, embeddings first, final last (each (B, L, d));
-        attention_mask (B, L), 1 = real token. Returns (B, L, dim)."""
+        attention_mask (B, L), 1 = real token; condition_mask (B, L), True on the condition.
+        Returns (B, L, dim)."""
         picked = [states[i] for i in self.layers]
         w = self.mix.softmax(0).to(picked[0].dtype)
         s = sum(w[i] * F.layer_norm(x, x.shape[-1:]) for i, x in enumerate(picked))
         z = self.proj(s)  # (B, L, k)
         z = z + self._attend(self.norm_attn(z), attention_mask)
         z = z + self.mlp(self.norm_mlp(z))
+        if self.summary == "mean" and condition_mask is not None:
+            m = condition_mask.to(z.dtype)[..., None]  # (B, L, 1)
+            z = z + (z * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
         return self.norm_out(z)
 
     def _attend(self, z: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -342,3 +342,21 @@ def test_regularisers_can_skip_the_nuclear_norm_and_keep_orthogonality():
     full, lazy = adaptor.regularisers(), adaptor.regularisers(rank=False)
     assert float(full["rank"]) > 0 and float(lazy["rank"]) == 0.0
     assert torch.equal(full["orth"], lazy["orth"])
+
+
+def test_the_reader_adds_the_condition_mean_reading_to_every_position(tiny_model):
+    from lora_diffusion.reader import StateReader
+
+    torch.manual_seed(0)
+    with_mean = StateReader(D, (0, -1), 16, 2, summary="mean")
+    plain = StateReader(D, (0, -1), 16, 2, summary="none")
+    plain.load_state_dict(with_mean.state_dict())
+    x, cond = inputs()
+    states = tiny_model.layer_states(x)
+    z = plain.norm_out.forward  # the final norm, applied to the unnormalised reading below
+    plain.norm_out = torch.nn.Identity()
+    raw = plain(states, None, cond)  # (B, L, k) before the final norm
+    mean = (raw * cond[..., None]).sum(1, keepdim=True) / cond.sum(1)[:, None, None]
+    torch.testing.assert_close(with_mean(states, None, cond), z(raw + mean))
+    with pytest.raises(ValueError, match="reader_summary"):
+        StateReader(D, (0,), 16, 2, summary="max")
