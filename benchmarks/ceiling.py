@@ -152,6 +152,15 @@ def mlp_probe(xtr, ytr, tests, steps=2000, seed=0) -> list[float]:
         return [float((net((x - mu) / sd).argmax(-1) == y).float().mean()) for x, y in tests]
 
 
+@torch.no_grad()
+def accuracies(score, tests: list[Cached]) -> list[float]:
+    """Share of rows whose highest score (score(batch): (B, K)) is the label, per test set."""
+    return [
+        float(torch.cat([score(b).argmax(-1) == b["labels"] for b in t.batches]).float().mean())
+        for t in tests
+    ]
+
+
 def attention_probe(train: Cached, tests, layers, dim, steps, seed, lr=1e-3):
     torch.manual_seed(seed)
     d = train.batches[0]["states"][0].shape[-1]
@@ -170,14 +179,7 @@ def attention_probe(train: Cached, tests, layers, dim, steps, seed, lr=1e-3):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        accs = [
-            float(
-                torch.cat([logits(b).argmax(-1) == b["labels"] for b in t.batches]).float().mean()
-            )
-            for t in tests
-        ]
-    return accs, sum(p.numel() for p in params)
+    return accuracies(logits, tests), sum(p.numel() for p in params)
 
 
 def adaptor_on_decision(base, cands, train: Cached, tests, cfg, steps, seed, lr):
@@ -205,14 +207,7 @@ def adaptor_on_decision(base, cands, train: Cached, tests, cfg, steps, seed, lr)
         loss.backward()
         opt.step()
     model.eval()
-    with torch.no_grad():
-        accs = [
-            float(
-                torch.cat([loglik(b).argmax(-1) == b["labels"] for b in t.batches]).float().mean()
-            )
-            for t in tests
-        ]
-    return accs, sum(p.numel() for p in adaptor.parameters())
+    return accuracies(loglik, tests), sum(p.numel() for p in adaptor.parameters())
 
 
 def parse_adaptor(spec: str, lr: float) -> tuple[str, AdaptorConfig, float]:
