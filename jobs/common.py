@@ -30,7 +30,7 @@ PRESETS = ("tiny", "small", "sedd-small", "paper-350m", "paper-1.3b", "paper-7b"
 FINETUNE_STEPS = 1000  # FinetuneConfig().train.max_steps
 PRETRAIN_STEPS = 1500  # PretrainConfig's train.max_steps
 MULTITASK_STEPS = 1000  # MultitaskConfig's train.max_steps
-RANKS, K = "64,32,8", 2  # AdaptorConfig's ranks and k
+RANKS, K = "64", 2  # AdaptorConfig's ranks and k
 
 
 # What a run prints is progress, results and errors: the libraries' own progress bars and INFO

@@ -85,11 +85,16 @@ def _assignments(key: str, value) -> list[str]:
 
 def validate_space(space: dict, cfg: FinetuneConfig, hidden_size: int) -> None:
     """Fail (exit 2) before any trial on an unknown key, an empty or malformed choice, a bad
-    range, or a rank above the base's hidden size, naming the offending key."""
+    range, or a rank above the base's hidden size, naming the offending key.
+
+    Each value of a param is applied together with the fixed keys and the first value of every
+    other param, since some keys must agree (a rank schedule's ranks, sigmas, boundaries)."""
     from lora_diffusion.config import apply_overrides
 
-    for key, spec in {**space["params"], **(space.get("fixed") or {})}.items():
-        if key in (space.get("fixed") or {}):
+    fixed = space.get("fixed") or {}
+    candidates = {}
+    for key, spec in {**space["params"], **fixed}.items():
+        if key in fixed:
             spec = {"value": spec}
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
             fail(f"search space: param {key!r} needs exactly one of {', '.join(KINDS)}")
@@ -97,9 +102,9 @@ def validate_space(space: dict, cfg: FinetuneConfig, hidden_size: int) -> None:
         if kind in ("grid", "choice"):
             if not isinstance(values, list) or not values:
                 fail(f"search space: param {key!r}: {kind} needs a non-empty list")
-            candidates = values
+            candidates[key] = values
         elif kind == "value":
-            candidates = [values]
+            candidates[key] = [values]
         else:
             if not (isinstance(values, list) and len(values) == 2
                     and all(isinstance(v, int | float) for v in values)
@@ -107,12 +112,14 @@ def validate_space(space: dict, cfg: FinetuneConfig, hidden_size: int) -> None:
                 fail(f"search space: param {key!r}: {kind} needs [low, high] with low < high")
             if kind == "loguniform" and values[0] <= 0:
                 fail(f"search space: param {key!r}: loguniform needs low > 0")
-            candidates = values if kind != "randint" else [values[0], values[1] - 1]
-        for v in candidates:
+            candidates[key] = values if kind != "randint" else [values[0], values[1] - 1]
+    for key, values in candidates.items():
+        others = [s for k, vs in candidates.items() if k != key for s in _assignments(k, vs[0])]
+        for v in values:
             if isinstance(v, dict) and "." in key:
                 fail(f"search space: param {key!r}: a dotted key takes plain values")
             try:
-                trial_cfg = apply_overrides(cfg, _assignments(key, v))
+                trial_cfg = apply_overrides(cfg, [*others, *_assignments(key, v)])
             except (KeyError, ValueError) as e:
                 fail(f"search space: param {key!r}: {config_error(e)}")
             too_big = [r for r in trial_cfg.adaptor.ranks if r > hidden_size]

@@ -433,7 +433,7 @@ def _set_tags(tags: dict) -> None:
 
 
 def run_name(cfg) -> str:
-    """Method, task and the settings that tell runs apart (lora_diffusion-sst2-r64.32.8-k2-lr0.002).
+    """Method, task and the settings that tell runs apart (lora_diffusion-sst2-r64-k2-lr0.002).
     No timestamp: the run id already tells reruns apart."""
     parts = [cfg.method, cfg.task]
     if cfg.method == "lora_diffusion":

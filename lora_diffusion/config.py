@@ -88,8 +88,9 @@ def apply_overrides(obj, overrides: list[str]):
     """Apply `a.b=value` strings to a (nested) dataclass; returns a new, validated object.
 
     The overrides of one config object are applied together and validated once, so values
-    that must agree change in one go (`adaptor.ranks=64 adaptor.sigmas=1 adaptor.boundaries=`:
-    one phase instead of three). A later override of the same key wins."""
+    that must agree change in one go (`adaptor.ranks=64,32,8 adaptor.sigmas=1,0.5,0.25
+    adaptor.boundaries=0.6667,0.3333`: the paper's three phases instead of the default one). A later
+    override of the same key wins."""
     tree: dict = {}
     for item in overrides:
         if "=" not in item:

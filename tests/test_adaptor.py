@@ -46,11 +46,11 @@ def test_adapted_model_equals_base_at_initialisation(tiny_model):
 )
 def test_phase_boundaries_follow_the_paper(t, phase):
     # early: t > 2T/3, middle, late: t <= T/3
-    assert int(AdaptorConfig().phase_of(torch.tensor([t]))[0]) == phase
+    assert int(AdaptorConfig.paper().phase_of(torch.tensor([t]))[0]) == phase
 
 
 def test_each_example_uses_the_modules_of_its_own_phase(tiny_model):
-    adaptor = TrajectoryAdaptor(AdaptorConfig(), D)
+    adaptor = TrajectoryAdaptor(AdaptorConfig.paper(), D)
     with torch.no_grad():
         for m in adaptor.phases[0]:  # only the early phase gets a non-zero up-projection
             m.up.normal_()
@@ -167,6 +167,7 @@ def test_condition_norm_makes_the_gate_blind_to_the_scale_of_enc(tiny_model):
     "cfg",
     [
         AdaptorConfig(),
+        AdaptorConfig.paper(),
         AdaptorConfig(condition_pool="mean"),
         AdaptorConfig(k=4, conditional=False),
         AdaptorConfig.uniform(16),
@@ -180,7 +181,7 @@ def test_parameter_formula_is_exact(cfg):
 
 
 def test_regularisers_are_finite_at_zero_and_match_definitions():
-    adaptor = TrajectoryAdaptor(AdaptorConfig(), D)
+    adaptor = TrajectoryAdaptor(AdaptorConfig.paper(), D)
     reg = adaptor.regularisers()
     (reg["rank"] + reg["orth"]).backward()
     assert all(torch.isfinite(p.grad).all() for p in adaptor.parameters() if p.grad is not None)
@@ -205,7 +206,7 @@ def test_bad_configs_are_named():
     with pytest.raises(ValueError, match="sigmas"):
         AdaptorConfig(ranks=(8, 8), sigmas=(1.0,), boundaries=(0.5,))
     with pytest.raises(ValueError, match="descend"):
-        AdaptorConfig(boundaries=(1 / 3, 2 / 3))
+        AdaptorConfig(ranks=(8, 8, 8), sigmas=(1, 1, 1), boundaries=(1 / 3, 2 / 3))
     with pytest.raises(ValueError, match="input_repr"):
         AdaptorConfig(input_repr="logits")
     with pytest.raises(ValueError, match="condition_pool"):

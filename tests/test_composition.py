@@ -14,7 +14,7 @@ D = 64
 
 def random_adaptor(seed):
     torch.manual_seed(seed)
-    adaptor = TrajectoryAdaptor(AdaptorConfig(ranks=(8, 4, 2)), D)
+    adaptor = TrajectoryAdaptor(AdaptorConfig.paper(ranks=(8, 4, 2)), D)
     with torch.no_grad():
         for p in adaptor.parameters():
             p.normal_(std=0.2)

@@ -166,7 +166,8 @@ def test_scoring_a_random_model_gives_labels_and_finite_loss(
 
 
 def test_adapted_denoiser_reports_base_calls(tiny_model, tiny_tokenizer, examples):
-    adapted = AdaptedDenoiser(tiny_model, TrajectoryAdaptor(AdaptorConfig(ranks=(4, 2, 2)), 64))
+    adaptor = TrajectoryAdaptor(AdaptorConfig.paper(ranks=(4, 2, 2)), 64)
+    adapted = AdaptedDenoiser(tiny_model, adaptor)
     out = generative_accuracy(adapted, tiny_tokenizer, "sst2", examples[:4], steps=3)
     assert out["base_calls"] + out["base_calls_saved"] == out["network_calls"] == 3
 
@@ -185,7 +186,7 @@ def test_bad_inputs_are_clear_errors(tiny_tokenizer, examples):
 @pytest.mark.parametrize("process", ["absorbing", "uniform"])
 def test_forgetting_is_zero_for_a_zero_adaptor_and_not_after_training(tiny_model, process):
     blocks = torch.randint(6, 512, (5, 32), generator=torch.Generator().manual_seed(0))
-    adaptor = TrajectoryAdaptor(AdaptorConfig(ranks=(4, 2, 2)), 64)
+    adaptor = TrajectoryAdaptor(AdaptorConfig.paper(ranks=(4, 2, 2)), 64)
     adapted = AdaptedDenoiser(tiny_model, adaptor)
     run = lambda: forgetting(tiny_model, adapted, blocks, process=process, batch_size=2)
     zero = run()

@@ -48,7 +48,7 @@ def test_help_shows_each_real_default_once_and_loads_no_heavy_library(job):
 def test_help_states_the_real_values_of_steps_ranks_and_k():
     text = " ".join(run_job("jobs/train.py", "--help").stdout.split())
     assert "--max-steps MAX_STEPS optimizer steps (default: 1000)" in text
-    assert "rank per phase (default: 64,32,8)" in text
+    assert "rank per phase (default: 64)" in text
     assert "modules per phase (default: 2)" in text
     assert "lora_diffusion 0.002" in text  # the method's learning rate
 
@@ -185,6 +185,7 @@ def trained(pretrained, tmp_path_factory, data_dir, ray_cluster):
         "--base", base["model_dir"], "--output-dir", str(out), "--max-steps", "6",
         "--train-limit", "64", "--eval-limit", "8", "--batch-size", "8", "--ranks", "8,4,2",
         "--data-dir", str(data_dir), "--no-progress", "--json",
+        "--set", "adaptor.sigmas=1,0.5,0.25", "--set", "adaptor.boundaries=0.6667,0.3333",
         "--set", "forgetting_blocks=4", "--set", "scoring_num_t=2",
     )  # fmt: skip
     return out, last_json(proc.stdout), base

@@ -64,11 +64,12 @@ def test_overrides_that_must_agree_change_together():
     from lora_diffusion.finetune import FinetuneConfig
 
     cfg = FinetuneConfig(base="b", output_dir="o")
-    one = ["adaptor.ranks=16", "adaptor.sigmas=1", "adaptor.boundaries=", "train.lr=0.01"]
-    one = apply_overrides(cfg, one)
-    assert (one.adaptor.ranks, one.adaptor.sigmas, one.adaptor.boundaries) == ((16,), (1.0,), ())
-    assert one.train.lr == 0.01 and cfg.adaptor.ranks == (64, 32, 8)  # a new object
-    with pytest.raises(ValueError, match="1 ranks need 1 sigmas and 0 boundaries"):
-        apply_overrides(cfg, ["adaptor.ranks=16"])  # still validated, once, at the end
+    three = ["adaptor.ranks=16,8,4", "adaptor.sigmas=1,.5,.25", "adaptor.boundaries=.6,.3"]
+    three = apply_overrides(cfg, [*three, "train.lr=0.01"])
+    a = three.adaptor
+    assert (a.ranks, a.sigmas, a.boundaries) == ((16, 8, 4), (1, 0.5, 0.25), (0.6, 0.3))
+    assert three.train.lr == 0.01 and cfg.adaptor.ranks == (64,)  # a new object
+    with pytest.raises(ValueError, match="2 ranks need 2 sigmas and 1 boundaries"):
+        apply_overrides(cfg, ["adaptor.ranks=16,8"])  # still validated, once, at the end
     with pytest.raises(KeyError, match="'adaptor.k.x'"):
         apply_overrides(cfg, ["adaptor.k.x=1"])

@@ -185,7 +185,7 @@ def test_multitask_and_compose_jobs_run_end_to_end(tiny_base_dir, data_dir, tmp_
         "--set",
         "max_length=64",
         "--set",
-        "adaptor.ranks=4,4,4",
+        "adaptor.ranks=4",
         "--set",
         "scoring_num_t=2",
     )

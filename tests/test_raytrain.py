@@ -17,7 +17,7 @@ from tests.test_jobs import REPO, last_json, run_job
 
 TINY = ["--method", "lora_diffusion", "--task", "sst2", "--train-limit", "64",
         "--eval-limit", "4", "--eval-steps", "4", "--batch-size", "8",
-        "--set", "max_length=48", "--set", "adaptor.ranks=4,4,4", "--set", "forgetting_blocks=0",
+        "--set", "max_length=48", "--set", "adaptor.ranks=4", "--set", "forgetting_blocks=0",
         "--set", "scoring_num_t=1", "--set", "train.log_every=2", "--no-progress",
         "--no-tracking", "--threads", "1", "--json"]  # fmt: skip
 

@@ -61,7 +61,8 @@ def test_bad_spaces_fail_before_any_trial_naming_the_key(base, data_dir, tmp_pat
     cfg = FinetuneConfig(base=base, output_dir=str(tmp_path))
     cases = {
         "adaptor.k:\n    choice: []": "adaptor.k",
-        "adaptor.ranks:\n    grid: [[8, 8, 8], [512, 8, 8]]": "rank 512",
+        "adaptor.ranks:\n    grid: [[8], [512]]": "rank 512",
+        "adaptor.ranks:\n    grid: [[8, 8]]": "2 ranks need 2 sigmas",
         "train.lr:\n    loguniform: [0, 1]": "train.lr",
         "adaptor.k:\n    gird: [1, 2]": "adaptor.k",
     }

@@ -24,7 +24,7 @@ from tests.test_jobs import last_json, run_job  # noqa: E402
 
 TINY_TRAIN = ["--method", "lora_diffusion", "--task", "sst2", "--max-steps", "6",
               "--train-limit", "32", "--eval-limit", "8", "--batch-size", "8",
-              "--set", "max_length=64", "--set", "adaptor.ranks=4,4,4",
+              "--set", "max_length=64", "--set", "adaptor.ranks=4",
               "--set", "forgetting_blocks=0", "--set", "scoring_num_t=2",
               "--set", "train.log_every=2", "--no-progress", "--json"]  # fmt: skip
 
@@ -73,7 +73,7 @@ def test_train_run_logs_config_curves_files_and_a_registered_version(tracked):
     run = client.get_run(result["mlflow_run_id"])
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.name == "lora-diffusion/sst2"
-    assert run.info.run_name == "lora_diffusion-sst2-r4.4.4-k2-lr0.002"
+    assert run.info.run_name == "lora_diffusion-sst2-r4-k2-lr0.002"
     assert run.data.params["train.lr"] == "0.002" and run.data.params["adaptor.k"] == "2"
     assert run.data.tags["workers"] == "1" and run.data.tags["torch_version"]
     history = json.loads((out / "history.json").read_text())
