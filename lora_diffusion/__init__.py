@@ -5,7 +5,7 @@ Importing it registers the DiT denoiser with `transformers`' Auto classes.
 """
 
 from .adaptor import AdaptorConfig, TrajectoryAdaptor
-from .composition import AdaptedDenoiser, Router, get_adaptor_model
+from .composition import AdaptedDenoiser, get_adaptor_model
 from .config import DiffusionConfig, apply_overrides
 from .corruption import AbsorbingProcess, UniformProcess, get_process, sample_t
 from .losses import denoising_loss, heldout_loss
@@ -16,6 +16,7 @@ from .models import (
     load_hf_masked_lm,
     preset_config,
 )
+from .router import Router
 from .sampling import SampleOutput, sample
 from .schedules import get_schedule
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
