@@ -29,7 +29,6 @@ from .adaptor_io import (
 )
 from .router import Router
 
-
 ADAPTOR_KEY = "adaptor:"  # condition_encodings' key prefix of an adaptor's own Enc(c)
 READER_KEY = "reader:"  # perturbation's key prefix of an adaptor's own reading of x_t
 
