@@ -1,9 +1,11 @@
 """LoRA-Diffusion: parameter-efficient fine-tuning of masked-diffusion language models.
 
 The library imports neither Ray nor MLflow; the platform (jobs/, serve_apps/) builds on it.
-Importing it registers the DiT denoiser with `transformers`' Auto classes.
+Importing it registers the DiT denoiser with `transformers`' Auto classes, and every tuning
+method in `methods.METHODS` (each method module registers its own on import).
 """
 
+from . import adaptor_method, baselines  # noqa: F401  (the tuning methods: they register)
 from .adaptor import AdaptorConfig, TrajectoryAdaptor
 from .composition import AdaptedDenoiser, get_adaptor_model
 from .config import DiffusionConfig, apply_overrides
