@@ -20,9 +20,9 @@ import argparse
 import json
 from pathlib import Path
 
-from lora_diffusion.baselines import DEFAULT_LR
 from lora_diffusion.config import apply_overrides
-from lora_diffusion.finetune import METHODS, FinetuneConfig, finetune
+from lora_diffusion.finetune import FinetuneConfig, finetune
+from lora_diffusion.methods import METHODS
 from lora_diffusion.training import TrainConfig
 
 COLUMNS = (
@@ -90,9 +90,9 @@ def main(argv=None) -> list[dict]:
     factors = [float(x) for x in a.lr_factors.split(",")]
     runs = []
     for method in a.methods.split(","):
-        METHODS.get(method)  # unknown names fail before any training
+        default_lr = METHODS.get(method).default_lr  # unknown names fail before any training
         for f in factors:
-            lr = DEFAULT_LR.get(method, 1e-3) * f
+            lr = default_lr * f
             cfg = FinetuneConfig(
                 base=a.base,
                 output_dir=str(out / method / f"lr{lr:g}"),

@@ -10,7 +10,7 @@ Steps, each timed and guarded (a failing step is recorded and the next one runs)
              and weight LoRA's at the small and sedd-small presets (random bases)
   pretrain   a short `pretraining.pretrain` of a small base on DATA_DIR/corpus (BASE's
              tokenizer, bf16 autocast on CUDA): tokens/s, held-out loss
-  finetune   a short `finetune.finetune` of every method in `finetune.METHODS` on sst2 from
+  finetune   a short `finetune.finetune` of every method in `methods.METHODS` on sst2 from
              BASE: accuracy, forgetting, seconds, peak memory
 DIR gets gpu_check.json (every step's results, rewritten after each step), summary.md and
 step_cost.json; the runs' own folders go to --work (default: a temporary folder), so DIR stays
@@ -110,16 +110,17 @@ def pretrain(a, device: str) -> dict:
 
 
 def finetune(a, device: str) -> dict:
-    from lora_diffusion.baselines import DEFAULT_LR
-    from lora_diffusion.finetune import METHODS, FinetuneConfig
+    from lora_diffusion.finetune import FinetuneConfig
     from lora_diffusion.finetune import finetune as run
+    from lora_diffusion.methods import METHODS
     from lora_diffusion.training import TrainConfig
 
     s, results = SIZES["finetune"][a.tiny], {}
     for method in METHODS:
         started = time.perf_counter()
-        train = TrainConfig(lr=DEFAULT_LR[method], max_steps=s["steps"], batch_size=s["batch"],
-                            warmup_steps=0, log_every=max(1, s["steps"] // 4),
+        train = TrainConfig(lr=METHODS.get(method).default_lr, max_steps=s["steps"],
+                            batch_size=s["batch"], warmup_steps=0,
+                            log_every=max(1, s["steps"] // 4),
                             precision=_precision(device))  # fmt: skip
         cfg = FinetuneConfig(
             base=a.base, output_dir=str(a.work / f"ft-{method}"), method=method, task="sst2",

@@ -3,7 +3,7 @@
     python benchmarks/methods_step.py [--preset tiny] [--batch-size 16] [--seq-len 128]
 
 Prints, for the same base, batch and sequence length: time per training step (denoising loss
-forward/backward + AdamW step) and peak extra memory of each method in `finetune.METHODS`, and
+forward/backward + AdamW step) and peak extra memory of each method in `methods.METHODS`, and
 their ratios to lora_diffusion. Each method runs in a fresh subprocess, measured as in
 `adaptor_step.py` (CPU: growth of max RSS from before the first step; GPU: max allocated).
 """
@@ -22,15 +22,16 @@ import torch
 
 def measure(method: str, preset: str, batch: int, seq: int, device: str, reps: int) -> dict:
     from lora_diffusion.corruption import get_process
-    from lora_diffusion.finetune import METHODS, FinetuneConfig
+    from lora_diffusion.finetune import FinetuneConfig
     from lora_diffusion.losses import denoising_loss
+    from lora_diffusion.methods import METHODS
     from lora_diffusion.models import DiffusionLM, preset_config
     from lora_diffusion.schedules import get_schedule
 
     torch.manual_seed(0)
     base = DiffusionLM(preset_config(preset)).to(device)
     cfg = FinetuneConfig(base="-", output_dir="-", method=method, max_length=seq)
-    model = METHODS.get(method)(cfg, base).model.to(device)
+    model = METHODS.get(method).build(cfg, base).model.to(device)
     v = base.config.vocab_size
     ids = torch.randint(6, v, (batch, seq), device=device)
     target = torch.zeros(batch, seq, dtype=torch.bool, device=device)
@@ -71,7 +72,7 @@ def measure(method: str, preset: str, batch: int, seq: int, device: str, reps: i
 
 
 def main() -> None:
-    from lora_diffusion.finetune import METHODS
+    from lora_diffusion.methods import METHODS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")

@@ -44,9 +44,9 @@ def make_step(method: str, preset: str, a: argparse.Namespace, device: str):
     """(one recipe training step of `method` on a random `preset` base as a call of the step
     index, trainable parameter count)."""
     from lora_diffusion.corruption import get_process
-    from lora_diffusion.finetune import METHODS as REGISTRY
     from lora_diffusion.finetune import FinetuneConfig, recipe_loss_fn
     from lora_diffusion.losses import LossModule
+    from lora_diffusion.methods import METHODS
     from lora_diffusion.models import DiffusionLM, preset_config
     from lora_diffusion.schedules import get_schedule
     from lora_diffusion.training import TrainConfig, _train_step, build_optimizer
@@ -54,7 +54,7 @@ def make_step(method: str, preset: str, a: argparse.Namespace, device: str):
     torch.manual_seed(0)
     base = DiffusionLM(preset_config(preset, max_position_embeddings=max(1024, a.seq_len)))
     cfg = FinetuneConfig(base="-", output_dir="-", method=method, max_length=a.seq_len)
-    bundle = REGISTRY.get(method)(cfg, base)
+    bundle = METHODS.get(method).build(cfg, base)
     v, mask_id = base.config.vocab_size, base.config.mask_token_id
     process, schedule = get_process("absorbing", v, mask_id), get_schedule("loglinear")
     module = LossModule(bundle.model, process, schedule, "elbo", None, bundle.extra_loss)

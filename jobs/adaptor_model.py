@@ -46,8 +46,8 @@ def resolve_base(base_uri: str) -> str:
 def build_denoiser(base_dir: str, adaptor_dir: str | None, task: str | None):
     """(denoiser, tokenizer): the base, with the adaptor folder's method on top when given."""
     from lora_diffusion.adaptor_io import load_adaptor
-    from lora_diffusion.baselines import load_method, read_method_config
     from lora_diffusion.composition import AdaptedDenoiser
+    from lora_diffusion.methods import load_method, read_method_config
 
     base, tok = load_base(base_dir)
     if adaptor_dir is None:

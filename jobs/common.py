@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 # tests/test_jobs.py checks each entry against the library, so a change there fails CI until it
 # is made here too.
 TASKS = ("agnews", "cola", "sst2", "trec")  # lora_diffusion.tasks.TASKS
-METHOD_LR = {  # lora_diffusion.finetune.METHODS, each with its baselines.DEFAULT_LR
+METHOD_LR = {  # lora_diffusion.methods.METHODS, each with its Method.default_lr
     "lora_diffusion": 2e-3,
     "full": 1e-4,
     "weight_lora": 1e-3,
@@ -26,6 +26,8 @@ METHOD_LR = {  # lora_diffusion.finetune.METHODS, each with its baselines.DEFAUL
     "loreft": 2e-3,
     "nara": 1e-3,
 }
+# the methods with Method.in_paper, in the order the paper's tables list them
+PAPER_METHODS = ("full", "lora_diffusion", "weight_lora", "adapters", "bitfit", "prefix")
 PRESETS = ("tiny", "small", "sedd-small", "paper-350m", "paper-1.3b", "paper-7b")
 FINETUNE_STEPS = 1000  # FinetuneConfig().train.max_steps
 PRETRAIN_STEPS = 1500  # PretrainConfig's train.max_steps

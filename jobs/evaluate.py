@@ -36,10 +36,10 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     a = parse_args(argv)  # first: --help and flag errors answer before torch is imported
     from lora_diffusion.adaptor_io import AdaptorFileError, adaptor_report, load_adaptor
-    from lora_diffusion.baselines import load_method, read_method_config
     from lora_diffusion.composition import AdaptedDenoiser
     from lora_diffusion.corruption import get_process
     from lora_diffusion.finetune import FinetuneConfig, evaluate_all
+    from lora_diffusion.methods import load_method, read_method_config
     from lora_diffusion.models import load_base
     from lora_diffusion.schedules import get_schedule
 

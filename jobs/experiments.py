@@ -33,11 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.common import base_parser, emit, fail
+from jobs.common import PAPER_METHODS, base_parser, emit, fail
 from jobs.tracking import check_reachable, tracking_uri
 
 STAGES = ("methods", "data_size", "ablations", "tasks", "bases", "report")
-PAPER_METHODS = ("full", "lora_diffusion", "weight_lora", "adapters", "bitfit", "prefix")
 SCALES = {
     "full": {
         "methods": ",".join(PAPER_METHODS),

@@ -349,9 +349,8 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     # the argv it was given: jobs/experiments.py calls main() in its own process
     a.command = "python jobs/sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    from lora_diffusion.baselines import DEFAULT_LR
-    from lora_diffusion.config import apply_overrides
-    from lora_diffusion.finetune import FinetuneConfig
+    from lora_diffusion.config import FinetuneConfig, apply_overrides
+    from lora_diffusion.methods import METHODS
 
     space = load_space(a.space)
     a.metric = a.metric or space_metric(space, a.holdout)
@@ -362,7 +361,7 @@ def main(argv=None) -> dict:
         train_limit=a.train_limit, eval_limit=a.eval_limit, holdout=a.holdout,
     )  # fmt: skip
     train = dataclasses.replace(
-        base_cfg.train, lr=DEFAULT_LR.get(a.method, base_cfg.train.lr), batch_size=a.batch_size,
+        base_cfg.train, lr=METHODS.get(a.method).default_lr, batch_size=a.batch_size,
         eval_every=a.eval_every, seed=a.seed,
         **({"max_steps": a.max_steps} if a.max_steps else {}),
     )  # fmt: skip

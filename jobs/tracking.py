@@ -359,7 +359,7 @@ def track_adaptor(tracker: Tracker, a, cfg, result: dict) -> dict:
     copied in, or referenced with --base-artifact reference); register it with --register."""
     if not tracker.active:
         return {}
-    from lora_diffusion.baselines import read_method_config
+    from lora_diffusion.methods import read_method_config
 
     tracker.finish(result, cfg.output_dir)
     adaptor_dir = result["adaptor_dir"]
@@ -390,7 +390,7 @@ def register_run_adaptor(run_id: str, adaptor_dir: str, cfg, name: str,
     `track_adaptor`'s versions, with `alias`."""
     import mlflow
 
-    from lora_diffusion.baselines import read_method_config
+    from lora_diffusion.methods import read_method_config
 
     fingerprint = read_method_config(adaptor_dir).get("base_fingerprint")
     base_name, base_version = find_base_version(fingerprint)
@@ -433,13 +433,9 @@ def _set_tags(tags: dict) -> None:
 
 
 def run_name(cfg) -> str:
-    """Method, task and the settings that tell runs apart (lora_diffusion-sst2-r64-k2-lr0.002).
-    No timestamp: the run id already tells reruns apart."""
-    parts = [cfg.method, cfg.task]
-    if cfg.method == "lora_diffusion":
-        parts += ["r" + ".".join(map(str, cfg.adaptor.ranks)), f"k{cfg.adaptor.k}"]
-    knob = {"weight_lora": ("r", "lora_rank"), "adapters": ("b", "bottleneck"),
-            "prefix": ("p", "prefix_length")}.get(cfg.method)  # fmt: skip
-    if knob:
-        parts.append(knob[0] + str(getattr(cfg.baselines, knob[1])))
-    return "-".join(parts + [f"lr{cfg.train.lr:g}"])
+    """Method, task and the settings that tell runs apart (lora_diffusion-sst2-r64-k2-lr0.002):
+    each method's `run_name_knobs`. No timestamp: the run id already tells reruns apart."""
+    from lora_diffusion.methods import METHODS
+
+    knobs = METHODS.get(cfg.method).run_name_parts(cfg) if cfg.method in METHODS else []
+    return "-".join([cfg.method, cfg.task, *knobs, f"lr{cfg.train.lr:g}"])

@@ -101,9 +101,8 @@ def parse_args(argv=None):
 
 def build_config(a):
     """The run's `FinetuneConfig` from its flags; --set overrides last."""
-    from lora_diffusion.baselines import DEFAULT_LR
-    from lora_diffusion.config import apply_overrides
-    from lora_diffusion.finetune import FinetuneConfig
+    from lora_diffusion.config import FinetuneConfig, apply_overrides
+    from lora_diffusion.methods import METHODS
 
     cfg = FinetuneConfig(
         base=a.base,
@@ -120,7 +119,7 @@ def build_config(a):
     )
     train = dataclasses.replace(
         cfg.train,
-        lr=a.lr if a.lr is not None else DEFAULT_LR.get(a.method, cfg.train.lr),
+        lr=a.lr if a.lr is not None else METHODS.get(a.method).default_lr,
         batch_size=a.batch_size,
         seed=a.seed,
         **({"max_steps": a.max_steps} if a.max_steps else {}),

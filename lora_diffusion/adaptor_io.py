@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adaptor import AdaptorConfig, TrajectoryAdaptor
-from .composition import Router
+from .router import Router
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

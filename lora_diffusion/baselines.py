@@ -1,4 +1,4 @@
-"""Baseline tuning methods, each registered in `finetune.METHODS` and trained by the same recipe.
+"""Baseline tuning methods, each registered in `methods.METHODS` and trained by the same recipe.
 
     full         every base parameter; saved with `save_pretrained`
     weight_lora  LoRA on the attention projections, built and saved by `peft`
@@ -13,8 +13,8 @@ wrapper's `hidden_states`, so the base object still computes the base. Methods t
 base in place (`full`, `bitfit`, `weight_lora`) hand the recipe a frozen copy taken beforehand as
 `MethodBundle.reference`, which forgetting and the size report compare against.
 
-Every saved folder holds a JSON config with a `method` key and safetensors weights; `load_method`
-reads any of them back onto a base.
+Every saved folder holds a JSON config with a `method` key and safetensors weights;
+`methods.load_method` reads any of them back onto a base.
 """
 
 from __future__ import annotations
@@ -29,31 +29,11 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from .adaptor_io import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    AdaptorFileError,
-    base_fingerprint,
-    read_tensors,
-)
-from .config import BaselineConfig, from_dict
-from .finetune import METHODS, FinetuneConfig, MethodBundle
+from .adaptor_io import CONFIG_NAME, WEIGHTS_NAME, base_fingerprint, read_tensors
+from .config import BaselineConfig, FinetuneConfig
+from .methods import METHOD_FILE, Method, MethodBundle, register
 from .models.dit import apply_rotary, rotary_cos_sin, timestep_embedding
 
-__all__ = ["DEFAULT_LR", "BaselineConfig", "load_method"]
-
-# Peak learning rate per method when the caller does not choose one (jobs/train.py --lr).
-DEFAULT_LR = {
-    "lora_diffusion": 2e-3,
-    "full": 1e-4,
-    "weight_lora": 1e-3,
-    "adapters": 1e-3,
-    "bitfit": 5e-3,
-    "prefix": 5e-3,
-    "loreft": 2e-3,
-    "nara": 1e-3,
-}
-METHOD_FILE = "lora_diffusion_method.json"  # beside files another library owns (peft, HF)
 PREFIX = "baselines."  # tensor-name prefix in adapter_model.safetensors
 
 
@@ -157,9 +137,12 @@ class AdapterDenoiser(HookedDenoiser):
     def __init__(self, base: nn.Module, cfg: BaselineConfig) -> None:
         d, blocks = base.config.hidden_size, _blocks(base)
         delta = nn.ModuleDict(
-            {f"{i}_{part}": Bottleneck(d, cfg.bottleneck) for i in range(len(blocks))
-             for part in ("attn", "mlp")}
-        )  # fmt: skip
+            {
+                f"{i}_{part}": Bottleneck(d, cfg.bottleneck)
+                for i in range(len(blocks))
+                for part in ("attn", "mlp")
+            }
+        )
         super().__init__(base, delta)
         for i, block in enumerate(blocks):
             for part in ("attn", "mlp"):
@@ -428,22 +411,18 @@ def _delta_bundle(model: BaselineDenoiser, cfg: FinetuneConfig, method: str) -> 
     return MethodBundle(model, _no_extra_loss, save)
 
 
-@METHODS.register("adapters")
 def build_adapters(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
     return _delta_bundle(AdapterDenoiser(base, cfg.baselines), cfg, "adapters")
 
 
-@METHODS.register("nara")
 def build_nara(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
     return _delta_bundle(NaraDenoiser(base, cfg.baselines), cfg, "nara")
 
 
-@METHODS.register("loreft")
 def build_loreft(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
     return _delta_bundle(ReftDenoiser(base, cfg.baselines), cfg, "loreft")
 
 
-@METHODS.register("prefix")
 def build_prefix(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
     if cfg.baselines.prefix_length > cfg.max_length:
         raise ValueError(
@@ -460,7 +439,6 @@ def bias_names(base: nn.Module) -> list[str]:
     return [n for n, _ in base.named_parameters() if n.endswith(".bias")]
 
 
-@METHODS.register("bitfit")
 def build_bitfit(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
     reference, fingerprint = _frozen_copy(base), base_fingerprint(base)
     names = set(bias_names(base))
@@ -477,7 +455,6 @@ def build_bitfit(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
     return MethodBundle(base, _no_extra_loss, save, reference)
 
 
-@METHODS.register("full")
 def build_full(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
     if not hasattr(base, "save_pretrained"):
         raise ValueError(
@@ -493,7 +470,6 @@ def build_full(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
     return MethodBundle(base, _no_extra_loss, save, reference)
 
 
-@METHODS.register("weight_lora")
 def build_weight_lora(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
     reference, fingerprint = _frozen_copy(base), base_fingerprint(base)
     model = _peft_lora(base, cfg.baselines)
@@ -506,50 +482,6 @@ def build_weight_lora(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
 
 
 # --- loading -------------------------------------------------------------------------------------
-
-
-def read_method_config(path: str | Path) -> dict:
-    """The method config of a saved folder: `lora_diffusion_method.json` where another library
-    owns adapter_config.json (peft, full models), else adapter_config.json."""
-    path = Path(path)
-    for name in (METHOD_FILE, CONFIG_NAME):
-        file = path / name
-        if file.is_file():
-            try:
-                config = json.loads(file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise AdaptorFileError(f"{file}: not valid JSON ({e})") from None
-            if not isinstance(config, dict) or "method" not in config:
-                raise AdaptorFileError(f"{file}: no `method` key")
-            return config
-    raise AdaptorFileError(f"{path}: no {METHOD_FILE} or {CONFIG_NAME} (not a saved method folder)")
-
-
-def load_method(
-    path: str | Path, base: nn.Module, method: str | None = None, check_base: bool = True
-):
-    """Rebuild a saved method on `base` (left untouched: in-place methods load onto a copy).
-
-    Returns the denoiser. Raises AdaptorFileError when the folder holds another method than
-    `method`, was trained on another base, or its files are missing or do not match."""
-    path = Path(path)
-    config = read_method_config(path)
-    found = config["method"]
-    if method is not None and found != method:
-        raise AdaptorFileError(f"{path}: this is a {found!r} adaptor, not {method!r}")
-    if check_base and config.get("base_fingerprint"):
-        fp = base_fingerprint(base)
-        if fp != config["base_fingerprint"]:
-            raise AdaptorFileError(
-                f"{path}: trained on base {config['base_fingerprint']}, not {fp}"
-            )
-    if found not in _LOADERS:
-        raise AdaptorFileError(f"{path}: unknown method {found!r}; known: {sorted(_LOADERS)}")
-    try:
-        cfg = from_dict(BaselineConfig, config.get("baselines", {}))
-    except (KeyError, TypeError, ValueError) as e:
-        raise AdaptorFileError(f"{path}: invalid baselines settings ({e})") from None
-    return _LOADERS[found](path, base, cfg).eval()
 
 
 def _load_delta(cls):
@@ -589,12 +521,46 @@ def _load_weight_lora(path: Path, base: nn.Module, cfg: BaselineConfig) -> nn.Mo
     return PeftDenoiser(PeftModel.from_pretrained(_frozen_copy(base), path))
 
 
-_LOADERS = {
-    "adapters": _load_delta(AdapterDenoiser),
-    "nara": _load_delta(NaraDenoiser),
-    "loreft": _load_delta(ReftDenoiser),
-    "prefix": _load_delta(PrefixDenoiser),
-    "bitfit": _load_bitfit,
-    "full": _load_full,
-    "weight_lora": _load_weight_lora,
-}
+# --- the records: peak learning rates are the defaults of jobs/train.py --lr ---------------------
+
+register(
+    Method("full", build_full, _load_full, default_lr=1e-4, label="full fine-tuning", in_paper=True)
+)
+register(
+    Method(
+        "weight_lora",
+        build_weight_lora,
+        _load_weight_lora,
+        default_lr=1e-3,
+        label="weight LoRA",
+        run_name_knobs=(("r", "baselines.lora_rank"),),
+        in_paper=True,
+    )
+)
+register(
+    Method(
+        "adapters",
+        build_adapters,
+        _load_delta(AdapterDenoiser),
+        default_lr=1e-3,
+        label="adapters",
+        run_name_knobs=(("b", "baselines.bottleneck"),),
+        in_paper=True,
+    )
+)
+register(
+    Method("bitfit", build_bitfit, _load_bitfit, default_lr=5e-3, label="BitFit", in_paper=True)
+)
+register(
+    Method(
+        "prefix",
+        build_prefix,
+        _load_delta(PrefixDenoiser),
+        default_lr=5e-3,
+        label="prefix tuning",
+        run_name_knobs=(("p", "baselines.prefix_length"),),
+        in_paper=True,
+    )
+)
+register(Method("loreft", build_loreft, _load_delta(ReftDenoiser), default_lr=2e-3, label="LoReFT"))
+register(Method("nara", build_nara, _load_delta(NaraDenoiser), default_lr=1e-3, label="NaRA"))

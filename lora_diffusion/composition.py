@@ -12,34 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .adaptor import CONDITION_REPRS, TrajectoryAdaptor, pool_condition
-
-
-class Router(nn.Module):
-    """Enc(c) (B, d) -> softmax task weights (B, n_tasks), through one hidden layer.
-
-    `condition_repr` says which encoding of the condition it reads, as for adaptors: the pooled
-    final hidden states of the base ("hidden") or its pooled input embeddings ("embedding")."""
-
-    def __init__(
-        self, d: int, num_tasks: int, hidden: int = 512, condition_repr: str = "hidden"
-    ) -> None:
-        super().__init__()
-        if condition_repr not in CONDITION_REPRS:
-            raise ValueError(f"router condition_repr must be one of {CONDITION_REPRS}")
-        self.condition_repr = condition_repr
-        self.net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_tasks))
-
-    def logits(self, enc: torch.Tensor) -> torch.Tensor:
-        return self.net(enc)
-
-    def forward(self, enc: torch.Tensor) -> torch.Tensor:
-        return self.net(enc).softmax(-1)
-
+from .adaptor import AdaptorConfig, TrajectoryAdaptor, pool_condition
+from .adaptor_io import (
+    CONFIG_NAME,
+    ROUTER_CONFIG,
+    AdaptorFileError,
+    load_adaptor,
+    load_router,
+    save_adaptor,
+    save_router,
+)
+from .router import Router
 
 ADAPTOR_KEY = "adaptor:"  # condition_encodings' key prefix of an adaptor's own Enc(c)
 READER_KEY = "reader:"  # perturbation's key prefix of an adaptor's own reading of x_t
@@ -272,10 +260,6 @@ class AdaptedDenoiser(nn.Module):
     def save_pretrained(self, path) -> None:
         """One adaptor: `path/` (adapter_config.json + adapter_model.safetensors); several:
         `path/<task>/` each, plus `path/router/` when there is a router."""
-        from pathlib import Path
-
-        from .adaptor_io import save_adaptor, save_router
-
         path = Path(path)
         if len(self.adaptors) == 1 and self.router is None:
             task, adaptor = next(iter(self.adaptors.items()))
@@ -290,16 +274,6 @@ class AdaptedDenoiser(nn.Module):
     def from_pretrained(cls, base: nn.Module, path, check_base: bool = True) -> AdaptedDenoiser:
         """Load what `save_pretrained` wrote (or a {task: folder} mapping) onto `base`;
         refuses adaptors trained on another base (`adaptor_io.AdaptorFileError`)."""
-        from pathlib import Path
-
-        from .adaptor_io import (
-            CONFIG_NAME,
-            ROUTER_CONFIG,
-            AdaptorFileError,
-            load_adaptor,
-            load_router,
-        )
-
         if not isinstance(path, Mapping) and (Path(path) / CONFIG_NAME).is_file():
             adaptor, config = load_adaptor(path, base, check_base)
             return cls(base, {config.get("task") or "task": adaptor})
@@ -328,7 +302,5 @@ class AdaptedDenoiser(nn.Module):
 def get_adaptor_model(base: nn.Module, cfg=None, task: str = "task") -> AdaptedDenoiser:
     """Wrap `base` (frozen) with one fresh adaptor, peft's `get_peft_model` in spirit: the
     returned model trains only the adaptor and is itself a denoiser."""
-    from .adaptor import AdaptorConfig
-
     adaptor = TrajectoryAdaptor(cfg or AdaptorConfig(), base.config.hidden_size)
     return AdaptedDenoiser(base, {task: adaptor})

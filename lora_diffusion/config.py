@@ -11,8 +11,10 @@ from pathlib import Path
 
 import yaml
 
+from .adaptor import AdaptorConfig
 from .corruption import PROCESSES
 from .schedules import SCHEDULES
+from .training import TrainConfig
 
 
 @dataclass
@@ -63,6 +65,70 @@ class BaselineConfig:
             raise ValueError(f"baselines.prefix_hidden must be >= 0, got {self.prefix_hidden}")
         if not self.target_modules:
             raise ValueError("baselines.target_modules is empty")
+
+
+@dataclass
+class FinetuneConfig:
+    """The fine-tuning recipe's config (`finetune.finetune`); every method's builder reads it.
+    It lives here, below the methods, so that a method module never imports the recipe."""
+
+    base: str = field(metadata={"help": "base model folder or hub id"})
+    output_dir: str = field(metadata={"help": "adaptor/, metrics.json, checkpoints/"})
+    task: str = field(default="sst2", metadata={"help": "task registry name"})
+    method: str = field(default="lora_diffusion", metadata={"help": "tuning method"})
+    data_dir: str | None = field(default=None, metadata={"help": "task data folder"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example"})
+    train_limit: int | None = field(default=None, metadata={"help": "use N train examples"})
+    eval_limit: int | None = field(default=None, metadata={"help": "evaluate N examples"})
+    holdout: int = field(
+        default=0,
+        metadata={
+            "help": "hold out the last N train rows (never trained on) as a validation set: "
+            "periodic evaluation and val_* results score it; 0: periodic evaluation scores the "
+            "eval split"
+        },
+    )
+    eval_steps: int | None = field(default=None, metadata={"help": "sampling steps; None: T"})
+    eval_temperature: float = field(
+        default=1.0, metadata={"help": "generative eval: 1 samples (Algorithm 1), 0 is greedy"}
+    )
+    scoring_num_t: int = field(default=8, metadata={"help": "t values for candidate scoring"})
+    forgetting_blocks: int = field(default=64, metadata={"help": "corpus blocks; 0 skips"})
+    corpus_dir: str | None = field(default=None, metadata={"help": "default <data-dir>/corpus"})
+    rank_every: int = field(
+        default=1,
+        metadata={
+            "help": "lora_diffusion: the nuclear-norm term is computed (exactly) every N steps "
+            "with weight N, none between (lazy regularisation: fewer SVDs, which cost more than "
+            "the adaptor on a GPU); its logged reg_rank is N x the term there, 0 between. "
+            "Under AdamW N=8 regularised less than every step (higher effective ranks after "
+            "300 sst2 steps, docs/GPU.md): 1, every step, is the default"
+        },
+    )
+    checkpoint_every: int = field(default=0, metadata={"help": "steps; 0: only at the end"})
+    resume_from: str | None = field(default=None, metadata={"help": "a checkpoint folder"})
+    threads: int | None = None
+    cache_dir: str | None = None
+    adaptor: AdaptorConfig = field(default_factory=AdaptorConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=2e-3, max_steps=1000, batch_size=32, warmup_steps=50)
+    )
+
+    def __post_init__(self) -> None:
+        if self.eval_temperature < 0:  # caught here, not after training
+            raise ValueError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
+        if self.holdout < 0:
+            raise ValueError(f"holdout must be >= 0 train rows, got {self.holdout}")
+        if self.rank_every < 1:
+            raise ValueError(f"rank_every must be >= 1 steps, got {self.rank_every}")
+
+    @property
+    def scored_split(self) -> str:
+        """The prefix of what periodic evaluation reports: `val` (held-out train rows) or
+        `eval`."""
+        return "val" if self.holdout else "eval"
 
 
 def _coerce(value: str, typ):

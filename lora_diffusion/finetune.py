@@ -1,145 +1,40 @@
 """Fine-tune a frozen base on a task with a parameter-efficient method, then evaluate it.
 
-The recipe behind `jobs/train.py`, Ray-free. Methods plug in through `METHODS`: a builder that
-wraps the base and says which parameters train and how to save them. LoRA-Diffusion is
-registered here; the baselines register themselves the same way.
+The recipe behind `jobs/train.py`, Ray-free. Methods plug in through `methods.METHODS`: each
+record's builder wraps the base and says which parameters train and how to save them.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adaptor import AdaptorConfig, TrajectoryAdaptor
-from .composition import AdaptedDenoiser
-from .config import BaselineConfig, DiffusionConfig
+from .config import FinetuneConfig
+from .corpus import corpus_files, packed_blocks
 from .corruption import get_process
 from .data import collate, tokenize_task
+from .evaluation import convergence_step, forgetting, generative_accuracy, scoring_accuracy
 from .losses import LossModule
+from .methods import METHODS
 from .models import load_base
-from .plots import plot_history
-from .registry import Registry
+from .plots import plot_effective_ranks, plot_history
 from .schedules import get_schedule
+from .tasks import resolve_data_dir
 from .training import (
     Distributed,
     LossFn,
     StepSampler,
-    TrainConfig,
     checkpoint_callback,
     checkpoint_step,
     fit,
 )
-
-
-@dataclass
-class FinetuneConfig:
-    base: str = field(metadata={"help": "base model folder or hub id"})
-    output_dir: str = field(metadata={"help": "adaptor/, metrics.json, checkpoints/"})
-    task: str = field(default="sst2", metadata={"help": "task registry name"})
-    method: str = field(default="lora_diffusion", metadata={"help": "tuning method"})
-    data_dir: str | None = field(default=None, metadata={"help": "task data folder"})
-    max_length: int = field(default=128, metadata={"help": "tokens per example"})
-    train_limit: int | None = field(default=None, metadata={"help": "use N train examples"})
-    eval_limit: int | None = field(default=None, metadata={"help": "evaluate N examples"})
-    holdout: int = field(
-        default=0,
-        metadata={
-            "help": "hold out the last N train rows (never trained on) as a validation set: "
-            "periodic evaluation and val_* results score it; 0: periodic evaluation scores the "
-            "eval split"
-        },
-    )
-    eval_steps: int | None = field(default=None, metadata={"help": "sampling steps; None: T"})
-    eval_temperature: float = field(
-        default=1.0, metadata={"help": "generative eval: 1 samples (Algorithm 1), 0 is greedy"}
-    )
-    scoring_num_t: int = field(default=8, metadata={"help": "t values for candidate scoring"})
-    forgetting_blocks: int = field(default=64, metadata={"help": "corpus blocks; 0 skips"})
-    corpus_dir: str | None = field(default=None, metadata={"help": "default <data-dir>/corpus"})
-    rank_every: int = field(
-        default=1,
-        metadata={
-            "help": "lora_diffusion: the nuclear-norm term is computed (exactly) every N steps "
-            "with weight N, none between (lazy regularisation: fewer SVDs, which cost more than "
-            "the adaptor on a GPU); its logged reg_rank is N x the term there, 0 between. "
-            "Under AdamW N=8 regularised less than every step (higher effective ranks after "
-            "300 sst2 steps, docs/GPU.md): 1, every step, is the default"
-        },
-    )
-    checkpoint_every: int = field(default=0, metadata={"help": "steps; 0: only at the end"})
-    resume_from: str | None = field(default=None, metadata={"help": "a checkpoint folder"})
-    threads: int | None = None
-    cache_dir: str | None = None
-    adaptor: AdaptorConfig = field(default_factory=AdaptorConfig)
-    baselines: BaselineConfig = field(default_factory=BaselineConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(lr=2e-3, max_steps=1000, batch_size=32, warmup_steps=50)
-    )
-
-    def __post_init__(self) -> None:
-        if self.eval_temperature < 0:  # caught here, not after training
-            raise ValueError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
-        if self.holdout < 0:
-            raise ValueError(f"holdout must be >= 0 train rows, got {self.holdout}")
-        if self.rank_every < 1:
-            raise ValueError(f"rank_every must be >= 1 steps, got {self.rank_every}")
-
-    @property
-    def scored_split(self) -> str:
-        """The prefix of what periodic evaluation reports: `val` (held-out train rows) or
-        `eval`."""
-        return "val" if self.holdout else "eval"
-
-
-@dataclass
-class MethodBundle:
-    """What a method gives the recipe: the denoiser to train, the loss extras, a saver, and,
-    for methods that change the base in place, a frozen copy of the base taken beforehand."""
-
-    model: nn.Module
-    extra_loss: Callable[[], dict[str, torch.Tensor]]  # name -> weighted scalar
-    save: Callable[[Path], None]
-    reference: nn.Module | None = None  # the pristine base; None: the base is left untouched
-    describe: Callable[[], dict] | None = None  # a method-specific report (e.g. effective ranks)
-
-
-METHODS: Registry[Callable[[FinetuneConfig, nn.Module], MethodBundle]] = Registry("method")
-
-
-@METHODS.register("lora_diffusion")
-def build_lora_diffusion(cfg: FinetuneConfig, base: nn.Module) -> MethodBundle:
-    from .adaptor_io import adaptor_report, save_adaptor
-
-    adaptor = TrajectoryAdaptor(cfg.adaptor, base.config.hidden_size)
-    model = AdaptedDenoiser(base, {cfg.task: adaptor})
-
-    # The training step of each call, from the step training starts at, so that a resumed run
-    # regularises at the same steps as an uninterrupted one (extra runs once per micro-batch).
-    calls = itertools.count(checkpoint_step(cfg.resume_from) * cfg.train.grad_accum)
-
-    def extra() -> dict[str, torch.Tensor]:
-        step = next(calls) // cfg.train.grad_accum
-        reg = adaptor.regularisers(rank=step % cfg.rank_every == 0)
-        return {
-            "reg_rank": cfg.rank_every * cfg.adaptor.lambda_rank * reg["rank"],
-            "reg_orth": cfg.adaptor.lambda_orth * reg["orth"],
-        }
-
-    # model.base, not `base`: a data-parallel run with a sharded base swaps in a whole copy
-    def save(path: Path) -> None:
-        save_adaptor(path, adaptor, model.base, task=cfg.task, method="lora_diffusion")
-
-    return MethodBundle(model, extra, save, describe=lambda: adaptor_report(adaptor, model.base))
-
 
 CheckpointHook = Callable[[int, Callable[[Path], None]], None]
 
@@ -186,7 +81,7 @@ def finetune(
     start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     base, tok = load_base(cfg.base)
-    bundle = METHODS.get(cfg.method)(cfg, base)
+    bundle = METHODS.get(cfg.method).build(cfg, base)
     model = bundle.model
     base = base if bundle.reference is None else bundle.reference
     train_ds, val_ds = train_and_holdout(cfg, tok)
@@ -282,8 +177,6 @@ def validate(cfg: FinetuneConfig, model: nn.Module, tok, dataset, prefix: str) -
     """Candidate scoring of `dataset`: `{prefix}_accuracy_scoring`, `{prefix}_gold_loss` (the
     gold label's denoising loss: a smooth score for early stopping) and, for two-label tasks,
     `{prefix}_auc_scoring`."""
-    from .evaluation import scoring_accuracy
-
     model.eval()
     out = scoring_accuracy(
         model, tok, cfg.task, dataset, process=cfg.diffusion.process,
@@ -312,8 +205,6 @@ def _periodic_eval(cfg: FinetuneConfig, model: nn.Module, tok, val_ds) -> Callab
 def _convergence(history: list[dict]) -> int | None:
     """The step at which the logged training loss settles (`evaluation.convergence_step` with a
     window of a tenth of the logged points), or None."""
-    from .evaluation import convergence_step
-
     index = convergence_step([h["loss"] for h in history], window=max(2, len(history) // 10))
     return None if index is None else history[index]["step"]
 
@@ -321,8 +212,6 @@ def _convergence(history: list[dict]) -> int | None:
 def _describe(report: dict, out_dir: Path, task: str) -> dict:
     """Write a method's report (adaptor_report.json) and its effective-rank plot; returns the
     per-module effective ranks for the results."""
-    from .plots import plot_effective_ranks
-
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "adaptor_report.json").write_text(json.dumps(report, indent=2))
     if "modules" not in report:
@@ -345,8 +234,6 @@ def _size_report(model: nn.Module, base: nn.Module, adaptor_dir: Path) -> dict:
 
 def evaluate_all(cfg, model, base, tok, process, schedule, progress=False) -> dict:
     """Generative and scoring accuracy on the eval split, forgetting on held-out corpus."""
-    from .evaluation import forgetting, generative_accuracy
-
     model.eval()
     eval_ds = tokenize_task(
         cfg.task, "eval", tok, cfg.max_length, cfg.data_dir, cfg.cache_dir, cfg.eval_limit
@@ -368,14 +255,11 @@ def evaluate_all(cfg, model, base, tok, process, schedule, progress=False) -> di
         "eval_examples": gen.get("examples", []),
     }
     if cfg.forgetting_blocks:
-        result.update(_forgetting(cfg, model, base, tok, process, schedule, forgetting))
+        result.update(_forgetting(cfg, model, base, tok, process, schedule))
     return result
 
 
-def _forgetting(cfg, model, base, tok, process, schedule, forgetting) -> dict:
-    from .corpus import corpus_files, packed_blocks
-    from .tasks import resolve_data_dir
-
+def _forgetting(cfg, model, base, tok, process, schedule) -> dict:
     corpus = Path(cfg.corpus_dir or resolve_data_dir(cfg.data_dir) / "corpus")
     blocks = packed_blocks(corpus_files(corpus)[-1:], tok, 128, cfg.cache_dir)
     return forgetting(
@@ -391,6 +275,3 @@ def _write_results(out_dir: Path, result: dict, history: list[dict], cfg: Finetu
     keys = [k for k in ("loss", "nll", "reg_rank", "reg_orth") if k in history[-1]]
     title = f"{cfg.method} / {cfg.task}"
     plot_history(history, out_dir / "plots" / "train_curves.png", keys, title)
-
-
-from . import baselines  # noqa: E402, F401  (registers the baseline methods)

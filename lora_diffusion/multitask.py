@@ -30,13 +30,16 @@ import torch
 import torch.nn.functional as F
 
 from .adaptor import AdaptorConfig, TrajectoryAdaptor
-from .composition import AdaptedDenoiser, Router
+from .adaptor_io import load_adaptor, save_adaptor, save_router
+from .composition import AdaptedDenoiser
 from .config import DiffusionConfig
+from .corruption import get_process
 from .data import collate, tokenize_task
 from .evaluation import generative_accuracy, scoring_accuracy
 from .losses import denoising_loss
 from .models import load_base
 from .plots import plot_history
+from .router import Router
 from .schedules import get_schedule
 from .tasks import get_task
 from .training import TrainConfig, fit, save_checkpoint
@@ -117,8 +120,6 @@ class MixedTaskSampler:
 
 def build_multitask_model(cfg: MultitaskConfig, base) -> AdaptedDenoiser:
     """One adaptor per task (fresh, or loaded from `adaptor_dirs`) and a router, on `base`."""
-    from .adaptor_io import load_adaptor
-
     d = base.config.hidden_size
     dirs = parse_task_dirs(cfg.adaptor_dirs)
     adaptors = {}
@@ -135,9 +136,6 @@ def build_multitask_model(cfg: MultitaskConfig, base) -> AdaptedDenoiser:
 
 def train_multitask(cfg: MultitaskConfig, report=None, progress: bool = True) -> dict:
     """Train the task adaptors and the router jointly; save them; evaluate every task."""
-    from .adaptor_io import save_adaptor, save_router
-    from .corruption import get_process
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()

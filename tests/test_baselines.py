@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from lora_diffusion.adaptor_io import AdaptorFileError
-from lora_diffusion.baselines import load_method, read_method_config, trunk
+from lora_diffusion.baselines import trunk
 from lora_diffusion.config import BaselineConfig, apply_overrides
 from lora_diffusion.corruption import get_process
-from lora_diffusion.finetune import METHODS, FinetuneConfig, finetune
+from lora_diffusion.finetune import FinetuneConfig, finetune
 from lora_diffusion.losses import denoising_loss
+from lora_diffusion.methods import METHODS, load_method, read_method_config
 from lora_diffusion.models import DiffusionLM, preset_config
 from lora_diffusion.schedules import get_schedule
 
@@ -37,7 +38,7 @@ def tiny_base(seed=0):
 
 def build(method, base, baselines=SMALL, **kw):
     cfg = FinetuneConfig(base="-", output_dir="-", method=method, baselines=baselines, **kw)
-    return METHODS.get(method)(cfg, base)
+    return METHODS.get(method).build(cfg, base)
 
 
 @pytest.fixture()

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from lora_diffusion.finetune import METHODS, FinetuneConfig
+from lora_diffusion.finetune import FinetuneConfig
+from lora_diffusion.methods import METHODS
 from lora_diffusion.models import DiffusionLM, preset_config
 from lora_diffusion.training import TrainConfig
 
@@ -22,7 +23,7 @@ def extra_terms(tmp_path, rank_every, resume_step=None, grad_accum=1, calls=6):
         base="-", output_dir="-", rank_every=rank_every, resume_from=resume and str(resume),
         train=TrainConfig(batch_size=4, grad_accum=grad_accum),
     )  # fmt: skip
-    bundle = METHODS.get("lora_diffusion")(cfg, base)
+    bundle = METHODS.get("lora_diffusion").build(cfg, base)
     with torch.no_grad():
         for p in bundle.model.adaptor_parameters():
             p.normal_(0, 0.1)

@@ -4,7 +4,7 @@ shrunk): every step runs and writes its results where the device tool brings the
 import json
 
 from benchmarks import gpu_check
-from lora_diffusion.finetune import METHODS
+from lora_diffusion.methods import METHODS
 
 
 def test_the_gpu_check_driver_runs_every_step_and_writes_its_results(

@@ -56,8 +56,8 @@ def test_help_states_the_real_values_of_steps_ranks_and_k():
 def test_what_help_states_about_the_library_is_what_the_library_holds():
     from jobs import common
     from lora_diffusion.adaptor import AdaptorConfig
-    from lora_diffusion.baselines import DEFAULT_LR
-    from lora_diffusion.finetune import METHODS, FinetuneConfig
+    from lora_diffusion.config import FinetuneConfig
+    from lora_diffusion.methods import METHODS
     from lora_diffusion.models import PRESETS
     from lora_diffusion.multitask import MultitaskConfig
     from lora_diffusion.pretraining import PretrainConfig
@@ -65,7 +65,8 @@ def test_what_help_states_about_the_library_is_what_the_library_holds():
 
     assert sorted(common.TASKS) == sorted(TASKS)
     assert sorted(common.METHOD_LR) == sorted(METHODS)
-    assert common.METHOD_LR == {m: DEFAULT_LR[m] for m in common.METHOD_LR}
+    assert common.METHOD_LR == {m: METHODS.get(m).default_lr for m in common.METHOD_LR}
+    assert sorted(common.PAPER_METHODS) == [m for m in METHODS if METHODS.get(m).in_paper]
     assert list(common.PRESETS) == list(PRESETS)
     assert common.FINETUNE_STEPS == FinetuneConfig(base="b", output_dir="o").train.max_steps
     assert common.PRETRAIN_STEPS == PretrainConfig(corpus_dir="c", output_dir="o").train.max_steps
