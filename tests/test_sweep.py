@@ -114,7 +114,7 @@ def test_a_two_trial_sweep_logs_nested_runs_and_registers_the_best(
 ):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = space(tmp_path, "params:\n  adaptor.k:\n    grid: [1, 2]\nfixed:\n"
-                           "  adaptor.ranks: [4, 4, 4]\n")  # fmt: skip
+                           "  adaptor.ranks: [4]\n")  # fmt: skip
     out = tmp_path / "out"
     # the store and the data named relative to the job's cwd (the repo), as `make experiments`
     # does: Tune runs trials in their own working directories, where a relative path would
@@ -151,7 +151,7 @@ def test_asha_stops_a_bad_trial_early(ray_cluster, base, data_dir, tmp_path):
     # at a time), so at the first rung the bad one trails and is stopped. Trials report on
     # held-out train rows (--holdout): ASHA reads val_gold_loss, the score is val_accuracy_scoring
     path = space(tmp_path, "params:\n  train.lr:\n    grid: [0.01, 1.0e-12]\nfixed:\n"
-                           "  adaptor.ranks: [4, 4, 4]\n")  # fmt: skip
+                           "  adaptor.ranks: [4]\n")  # fmt: skip
     out = tmp_path / "out"
     result = last_json(sweep(
         base, data_dir, "--space", path, "--output-dir", str(out), "--max-steps", "16",
@@ -171,7 +171,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     ray_cluster, base, data_dir, tmp_path
 ):
     path = space(tmp_path, "params:\n  adaptor.k:\n    grid: [1, 2, 3]\nfixed:\n"
-                           "  adaptor.ranks: [4, 4, 4]\n")  # fmt: skip
+                           "  adaptor.ranks: [4]\n")  # fmt: skip
     out = tmp_path / "out"
     args = ["jobs/sweep.py", *TINY, "--base", base, "--data-dir", str(data_dir), "--space", path,
             "--output-dir", str(out), "--max-steps", "40", "--eval-every", "20",
