@@ -27,25 +27,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lora_diffusion.adaptor import AdaptorConfig, TrajectoryAdaptor  # noqa: E402
-from lora_diffusion.composition import AdaptedDenoiser  # noqa: E402
-from lora_diffusion.data import (  # noqa: E402
+from lora_diffusion.adaptor import AdaptorConfig, TrajectoryAdaptor
+from lora_diffusion.composition import AdaptedDenoiser
+from lora_diffusion.data import (
     collate,
     label_candidates,
     target_length_for,
     tokenize_task,
 )
-from lora_diffusion.models import load_base  # noqa: E402
-from lora_diffusion.reader import StateReader  # noqa: E402
+from lora_diffusion.models import load_base
+from lora_diffusion.reader import StateReader
 
 DEFAULT_ADAPTORS = (
     "final state (no reader):reader=none",

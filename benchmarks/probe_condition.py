@@ -19,22 +19,18 @@ without: the ceiling of the adaptor's form on this base, free of the denoising m
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lora_diffusion.adaptor import AdaptorConfig, TrajectoryAdaptor, pool_condition  # noqa: E402
-from lora_diffusion.data import (  # noqa: E402
+from lora_diffusion.adaptor import AdaptorConfig, TrajectoryAdaptor, pool_condition
+from lora_diffusion.data import (
     collate,
     label_candidates,
     target_length_for,
     tokenize_task,
 )
-from lora_diffusion.models import load_base  # noqa: E402
+from lora_diffusion.models import load_base
 
 
 @torch.no_grad()

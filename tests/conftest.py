@@ -84,7 +84,6 @@ def ray_cluster(tmp_path_factory):
     import urllib.error
     import urllib.request
 
-    sys.path.insert(0, str(REPO))
     from jobs.raytrain import RAY_ENV
 
     for k, v in RAY_ENV.items():

@@ -3,14 +3,12 @@ report; a rerun skips what is done; bad stages are refused."""
 
 import json
 import shlex
-import sys
 
 import pytest
 
 from tests.test_jobs import REPO
 
 mlflow = pytest.importorskip("mlflow")
-sys.path.insert(0, str(REPO))
 
 TINY = ["--quick", "--methods", "lora_diffusion,bitfit", "--seeds", "0,1", "--max-steps", "3",
         "--eval-limit", "4", "--data-sizes", "16,32", "--data-methods", "lora_diffusion",

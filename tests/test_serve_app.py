@@ -21,7 +21,6 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 httpx = pytest.importorskip("httpx")
 mlflow = pytest.importorskip("mlflow")

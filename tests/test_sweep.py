@@ -77,7 +77,6 @@ def test_a_grace_period_past_the_step_budget_fails_or_clamps_before_ray_starts(
 ):
     # --max-steps 8 with the default --eval-every 50 made ASHA assert inside Ray
     # (`grace_period must be <= max_t!`): the default grace period (2 x eval-every) is clamped
-    sys.path.insert(0, str(REPO))
     from jobs.sweep import asha_grace_period
 
     assert asha_grace_period(None, 50, 8) == 8

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 mlflow = pytest.importorskip("mlflow")
 pd = pytest.importorskip("pandas")
