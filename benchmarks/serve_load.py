@@ -67,23 +67,15 @@ def parse_args(argv=None):
 
 def make_registry(root: Path, base_dir: str, tasks: list[str]) -> str:
     """Random adaptors (non-zero up-projections) registered with alias production; a router."""
-    import mlflow
     import torch
 
-    from jobs.tracking import register_run_adaptor
+    from jobs.tracking import MlflowRun, register_run_adaptor
     from lora_diffusion.adaptor import AdaptorConfig, TrajectoryAdaptor
     from lora_diffusion.adaptor_io import save_adaptor, save_router
     from lora_diffusion.composition import Router
     from lora_diffusion.models import load_base
 
-    store = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(store)
-    # artifacts beside the store: a new experiment's default is ./mlruns in the working dir
-    mlflow.set_experiment(
-        experiment_id=mlflow.MlflowClient(store).create_experiment(
-            "serve-bench", artifact_location=(root / "artifacts").as_uri()
-        )
-    )
+    store = f"sqlite:///{root / 'mlflow.db'}"  # artifacts beside it, in mlartifacts/
     base = load_base(base_dir)[0]
     d = base.config.hidden_size
     for i, task in enumerate(tasks):
@@ -93,10 +85,10 @@ def make_registry(root: Path, base_dir: str, tasks: list[str]) -> str:
             for w in adaptor.parameters():
                 w.normal_(std=0.02)
         save_adaptor(root / task, adaptor, base, task=task)
-        with mlflow.start_run(run_name=f"bench-{task}") as run:
-            pass
+        run = MlflowRun.start(store, "serve-bench", f"bench-{task}")
         cfg = SimpleNamespace(task=task, method="lora_diffusion", base=base_dir)
-        register_run_adaptor(run.info.run_id, str(root / task), cfg, f"{task}-bench", "production")
+        name = f"{task}-bench"
+        register_run_adaptor(store, run.run_id, str(root / task), cfg, name, "production")
     save_router(root / "router", Router(d, len(tasks)), tasks, base)
     return store
 

@@ -9,8 +9,8 @@ never `jobs.*`. The model's artifacts:
     adaptor   the adaptor folder as `finetune` saved it; absent for a bare base
 
 model_config: {"task": the adaptor's task, "base_uri": None | a local base folder | the
-`models:/` URI of the registered base}. `build_denoiser` is shared with
-`jobs.tracking.load_registered_adaptor`.
+`models:/` URI of the registered base}. `build_denoiser` and `download_model` are shared with
+`jobs.tracking.load_registered_adaptor` and Serve's loader.
 """
 
 from __future__ import annotations
@@ -34,13 +34,21 @@ from lora_diffusion.tasks import get_task
 MAX_LENGTH = 128
 
 
+def download_model(model_uri: str) -> tuple[dict[str, Path], dict]:
+    """(artifact name -> local path, model_config) of a logged model (`models:/sst2-ld@prod`,
+    `models:/<id>`), from the current store: the one download the jobs, this model and Serve
+    share."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    flavor = mlflow.models.Model.load(local).flavors["python_function"]
+    paths = {k: local / v["path"] for k, v in flavor.get("artifacts", {}).items()}
+    return paths, flavor.get("config") or {}
+
+
 def resolve_base(base_uri: str) -> str:
     """A local base folder for `base_uri`: a folder as is, a `models:/` base downloaded."""
     if not base_uri.startswith("models:/"):
         return base_uri
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=base_uri))
-    flavor = mlflow.models.Model.load(local).flavors["python_function"]
-    return str(local / flavor["artifacts"]["base"]["path"])
+    return str(download_model(base_uri)[0]["base"])
 
 
 def build_denoiser(base_dir: str, adaptor_dir: str | None, task: str | None):

@@ -292,22 +292,15 @@ def tsne(r: Runner, dirs: dict, fig: Path) -> dict:
 
 def log_result(r: Runner, name: str, kind: str, result: dict, file: Path, figures=()) -> None:
     """An MLflow run (tag kind) holding a non-training job's numbers, its JSON and figures."""
-    from mlflow import MlflowClient
+    from jobs.tracking import MlflowRun
 
-    from jobs.tracking import artifact_location
-
-    client = MlflowClient(r.uri)
-    exp = client.get_experiment_by_name(r.a.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        r.a.experiment, artifact_location(r.uri, r.a.experiment))  # fmt: skip
-    run = client.create_run(exp_id, run_name=name, tags={"kind": kind, "study": "tasks",
-                            "base": str(r.a.base)})  # fmt: skip
-    for key, value in flat_numbers(result).items():
-        client.log_metric(run.info.run_id, key, value)
-    client.log_artifact(run.info.run_id, str(file))
+    tags = {"kind": kind, "study": "tasks", "base": r.a.base}
+    run = MlflowRun.start(r.uri, r.a.experiment, name, tags)
+    run.log_metrics(flat_numbers(result))
+    run.log_artifact(file)
     for f in figures:
-        client.log_artifact(run.info.run_id, str(f), "figures")
-    client.set_terminated(run.info.run_id, "FINISHED")
+        run.log_artifact(f, "figures")
+    run.end()
 
 
 def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from jobs import raytrain
 from jobs.common import PRESETS, PRETRAIN_STEPS, base_parser, config_error, emit, fail
 from jobs.tracking import (
-    RunLogger,
+    MlflowRun,
     Tracker,
     add_tracking_flags,
     check_reachable,
@@ -132,7 +132,7 @@ def main(argv=None) -> dict:
             paths = ("corpus_dir", "tokenizer", "init_from", "cache_dir", "resume_from", "data_dir")
             config = {
                 "cfg": raytrain.absolute_paths(cfg, paths),
-                "tracking": tracker.worker_spec(),
+                "tracking": tracker.spec(),
                 "tokenizer": _tokenizer_files(cfg),
             }
             result, out = raytrain.run(pretrain_loop, config, a, resources)
@@ -188,7 +188,7 @@ def pretrain_loop(config: dict) -> None:
         resume_from=resume or config["cfg"].resume_from,
         threads=None,
     )
-    logger = RunLogger(config["tracking"] if dist.rank == 0 else None)
+    logger = MlflowRun.attach(config["tracking"] if dist.rank == 0 else None)
     result = pretrain(
         cfg,
         report=_printer(logger.report),

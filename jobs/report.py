@@ -631,14 +631,15 @@ def build_report(client, experiments: dict, runs: list, command: str, out: Path,
     return [out / "RESULTS.md", *made]
 
 
-def log_report(client, experiment_id: str, files: list[Path], command: str) -> str:
+def log_report(uri: str, experiment: str, files: list[Path], command: str) -> str:
     """A new run `report` holding RESULTS.md and the figures made (under figures/)."""
-    run = client.create_run(experiment_id, run_name="report",
-                            tags={"kind": "report", "command": command[:5000]})  # fmt: skip
+    from jobs.tracking import MlflowRun
+
+    run = MlflowRun.start(uri, experiment, "report", {"kind": "report", "command": command[:5000]})
     for f in files:
-        client.log_artifact(run.info.run_id, str(f), None if f.suffix == ".md" else "figures")
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
+        run.log_artifact(f, None if f.suffix == ".md" else "figures")
+    run.end()
+    return run.run_id
 
 
 def main(argv=None) -> dict:
@@ -666,7 +667,8 @@ def main(argv=None) -> dict:
         result = {"results": str(files[0]), "figures": [str(f) for f in files[1:]],
                   "runs": len(runs)}  # fmt: skip
         if not a.no_log:
-            result["mlflow_run_id"] = log_report(client, next(iter(experiments)), files, command)
+            first = next(iter(experiments.values()))
+            result["mlflow_run_id"] = log_report(uri, first, files, command)
     except MlflowException as e:
         fail(e.message)
     emit(result, a.json)

@@ -28,6 +28,7 @@ import yaml
 from jobs import raytrain
 from jobs.common import FINETUNE_STEPS, METHOD_LR, TASKS, base_parser, config_error, emit, fail
 from jobs.tracking import (
+    MlflowRun,
     add_tracking_flags,
     check_reachable,
     flatten,
@@ -182,97 +183,49 @@ def trial(params: dict, base_cfg: FinetuneConfig, sweep: dict) -> None:
     trial_id = ctx.get_trial_id()
     out_dir = os.path.join(sweep["output_dir"], "trials", trial_id)
     cfg = trial_config(base_cfg, params, sweep["fixed"], out_dir)
-    logger = TrialRun(sweep.get("tracking"), f"{sweep['name']}-{trial_id}", params, cfg)
+    logger = trial_run(sweep.get("tracking"), f"{sweep['name']}-{trial_id}", params, cfg)
+    logger.out_dir = out_dir
 
     last_eval: dict = {}
     scored = f"{cfg.scored_split}_"  # the split periodic evaluation scores
 
     def report(step, m):
-        logger.log_metrics(step, m)
+        logger.report(step, m)
         if f"{scored}gold_loss" in m:
             last_eval.update({k: v for k, v in m.items() if k.startswith(scored)})
             tune.report({**_scalars(m), "step": step, "mlflow_run_id": logger.run_id})
 
+    status = "KILLED"
     try:
         gpu = sweep.get("gpus_per_trial", 0) > 0
         dist = Distributed(device="cuda") if gpu else None
         result = finetune(cfg, report=report, progress=False, dist=dist)
-        logger.finish(result, out_dir)
+        logger.log_run_files(result, out_dir, dirs=("plots", "adaptor"))
+        status = "FINISHED"
         final = {**last_eval, **_scalars(result)}  # the final eval on the same examples wins
         tune.report({**final, "step": result["steps"], "trial_finished": True,
                      "mlflow_run_id": logger.run_id, "trial_dir": out_dir})  # fmt: skip
     finally:
-        logger.end()
+        logger.end(status)  # KILLED: stopped early (ASHA) or failed
 
 
 def _scalars(m: dict) -> dict:
     return {k: v for k, v in m.items() if isinstance(v, int | float | str) and v is not None}
 
 
-class TrialRun:
-    """A trial's MLflow run (nested under the sweep's run). Failures warn and stop logging."""
-
-    def __init__(self, spec: dict | None, name: str, params: dict, cfg) -> None:
-        self.run_id, self.client, self.status = None, None, "KILLED"
-        if not spec:
-            return
-        try:
-            from mlflow import MlflowClient
-
-            self.client = MlflowClient(spec["uri"])
-            run = self.client.create_run(
-                spec["experiment_id"], run_name=name,
-                tags={"mlflow.parentRunId": spec["parent_run_id"], "sweep": spec["sweep"],
-                      "task": cfg.task, "method": cfg.method},
-            )  # fmt: skip
-            self.run_id = run.info.run_id
-            from mlflow.entities import Param
-
-            flat = {**flatten(dataclasses.asdict(cfg)),
-                    **{f"sweep.{k}": json.dumps(v) for k, v in params.items()}}  # fmt: skip
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flat.items()])
-        except Exception as e:
-            self._stop(e)
-
-    def _stop(self, e: Exception) -> None:
+def trial_run(spec: dict | None, name: str, params: dict, cfg) -> MlflowRun:
+    """A trial's MLflow run, nested under the sweep's run: its config and sampled params."""
+    if not spec:
+        return MlflowRun()
+    tags = {"sweep": spec["sweep"], "task": cfg.task, "method": cfg.method}
+    try:
+        run = MlflowRun.start(spec["uri"], spec["experiment"], name, tags, spec["parent_run_id"])
+    except Exception as e:
         print(f"warning: MLflow logging of this trial stopped: {str(e)[:300]}", file=sys.stderr)
-        self.client = None
-
-    def log_metrics(self, step: int, metrics: dict) -> None:
-        if self.client is None or self.run_id is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)]  # fmt: skip
-        try:
-            self.client.log_batch(self.run_id, metrics=batch)
-        except Exception as e:
-            self._stop(e)
-
-    def finish(self, result: dict, out_dir: str) -> None:
-        self.log_metrics(int(result["steps"]), result)
-        if self.client is None or self.run_id is None:
-            return
-        try:
-            for name in ("metrics.json", "history.json", "config.json", "adaptor_report.json"):
-                if os.path.isfile(os.path.join(out_dir, name)):
-                    self.client.log_artifact(self.run_id, os.path.join(out_dir, name))
-            for sub in ("plots", "adaptor"):
-                if os.path.isdir(os.path.join(out_dir, sub)):
-                    self.client.log_artifacts(self.run_id, os.path.join(out_dir, sub), sub)
-            self.status = "FINISHED"
-        except Exception as e:
-            self._stop(e)
-
-    def end(self) -> None:
-        """FINISHED, or KILLED when the trial was stopped early (ASHA) or failed."""
-        if self.client is not None and self.run_id is not None:
-            try:
-                self.client.set_terminated(self.run_id, self.status)
-            except Exception as e:
-                self._stop(e)
+        return MlflowRun()
+    sampled = {f"sweep.{k}": json.dumps(v) for k, v in params.items()}
+    run.log_params({**flatten(dataclasses.asdict(cfg)), **sampled})
+    return run
 
 
 # ---- the job ----------------------------------------------------------------------------------
@@ -402,7 +355,7 @@ def main(argv=None) -> dict:
         results = _run_tuner(a, space, name, mode, base_cfg, concurrent, parent)
     except BaseException:
         if parent:
-            _end_parent(uri, parent, "FAILED")
+            parent.end("FAILED")
         raise
     rows = _table_rows(results, space, a.metric, _gold_loss(base_cfg))
     out = Path(a.output_dir)
@@ -420,7 +373,7 @@ def main(argv=None) -> dict:
         summary.update(best_trial=best["trial_id"], best_score=best["score"],
                        best_params=best["params"])  # fmt: skip
     if parent:
-        summary.update(_finish_parent(uri, parent, out, best, a, name, base_cfg))
+        summary.update(_finish_parent(parent, out, best, a, name, base_cfg))
     emit(summary, a.json)
     return summary
 
@@ -447,10 +400,14 @@ def _run_tuner(a, space, name, mode, base_cfg, concurrent, parent):
     from ray.tune.schedulers import ASHAScheduler
 
     path = os.path.abspath(os.path.join(a.output_dir, "tune"))
+    tracking = None
+    if parent and parent.active:
+        tracking = {"uri": parent.uri, "experiment": parent.experiment}
+        tracking.update(parent_run_id=parent.run_id, sweep=name)
     sweep = {"name": name, "output_dir": os.path.abspath(a.output_dir),
              "cpus_per_trial": a.cpus_per_trial, "gpus_per_trial": a.gpus_per_trial,
              "fixed": space.get("fixed") or {},
-             "tracking": parent}  # fmt: skip
+             "tracking": tracking}  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(trial, base_cfg=base_cfg, sweep=sweep),
         {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial},
@@ -583,73 +540,52 @@ def _plot(rows, metric, path: Path, name: str) -> None:
     save_figure(fig, path)
 
 
-def _parent_run(uri: str, a, name: str, space: dict) -> dict:
-    import mlflow
-
-    from jobs.tracking import artifact_location
-
+def _parent_run(uri: str, a, name: str, space: dict) -> MlflowRun:
+    """The sweep's own run: the space and the search as params; trials nest under it."""
     experiment = a.experiment or f"lora-diffusion/{a.task}"
     tags = {**parse_tags(a.tags), "sweep": name, "kind": "sweep"}
     try:
-        mlflow.set_tracking_uri(uri)
-        if mlflow.get_experiment_by_name(experiment) is None:
-            mlflow.create_experiment(experiment, artifact_location(uri, experiment))
-        exp = mlflow.get_experiment_by_name(experiment)
-        run = mlflow.MlflowClient().create_run(
-            exp.experiment_id, run_name=f"sweep-{name}", tags=tags
-        )
-        from mlflow.entities import Param
-
-        params = {"space": json.dumps(space["params"])[:6000], "task": a.task,
-                  "method": a.method, "num_samples": str(a.num_samples)}  # fmt: skip
-        mlflow.MlflowClient().log_batch(
-            run.info.run_id, params=[Param(k, v) for k, v in params.items()]
-        )
+        run = MlflowRun.start(uri, experiment, f"sweep-{name}", tags)
     except Exception as e:
         fail(f"cannot start an MLflow run at {uri}: {e}")
-    return {"uri": uri, "experiment_id": exp.experiment_id, "parent_run_id": run.info.run_id,
-            "sweep": name}  # fmt: skip
+    searched = json.dumps(space["params"])[:6000]
+    run.log_params(
+        {"space": searched, "task": a.task, "method": a.method, "num_samples": a.num_samples}
+    )
+    run.experiment = experiment
+    return run
 
 
-def _end_parent(uri, parent, status):
-    from mlflow import MlflowClient
-
-    try:
-        MlflowClient(uri).set_terminated(parent["parent_run_id"], status)
-    except Exception:  # already failing
-        pass
-
-
-def _finish_parent(uri, parent, out: Path, best, a, name, base_cfg) -> dict:
+def _finish_parent(parent: MlflowRun, out: Path, best, a, name, base_cfg) -> dict:
     """Log the table and plot on the sweep's run; register the best trial's adaptor."""
-    from mlflow import MlflowClient
-
     from jobs.tracking import register_run_adaptor
 
-    client, run_id = MlflowClient(uri), parent["parent_run_id"]
-    result = {"mlflow_run_id": run_id}
-    try:
-        for f in ("table.md", "trials.json", "score_vs_params.png"):
-            client.log_artifact(run_id, str(out / f))
-        if best:
-            client.log_metric(run_id, f"best_{a.metric}", float(best["score"]))
-            client.set_tag(run_id, "best_trial_run_id", str(best["mlflow_run_id"]))
-        if best and best["adaptor_dir"] and best["mlflow_run_id"]:
-            model_name = a.register or f"{a.task}-{a.method}"
-            v = register_run_adaptor(
-                best["mlflow_run_id"], best["adaptor_dir"], base_cfg, model_name,
-                alias=f"best-{name}", extra_tags={"sweep": name},
-            )  # fmt: skip
-            result.update(
-                registered_model=model_name,
-                registered_version=int(v.version),
-                registered_alias=f"best-{name}",
-            )
-        client.set_terminated(run_id, "FINISHED")
-    except Exception as e:
-        print(f"warning: MLflow logging of the sweep stopped: {str(e)[:300]}", file=sys.stderr)
-        result["tracking_error"] = str(e)[:300]
-    return result
+    parent.out_dir = str(out)
+    for f in ("table.md", "trials.json", "score_vs_params.png"):
+        parent.log_artifact(out / f)
+    result = {}
+    if best:
+        parent.log_metrics({f"best_{a.metric}": best["score"]})
+        parent.set_tags({"best_trial_run_id": best["mlflow_run_id"]})
+    if best and best["adaptor_dir"] and best["mlflow_run_id"] and parent.active:
+        model_name = a.register or f"{a.task}-{a.method}"
+        alias, trial_run_id = f"best-{name}", best["mlflow_run_id"]
+        v = parent._guard(
+            "registry",
+            register_run_adaptor,
+            parent.uri,
+            trial_run_id,
+            best["adaptor_dir"],
+            base_cfg,
+            model_name,
+            alias=alias,
+            extra_tags={"sweep": name},
+        )
+        if v is not None:
+            result.update(registered_model=model_name, registered_version=int(v.version))
+            result["registered_alias"] = alias
+    parent.end("FINISHED")
+    return {**result, **parent.outcome()}
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@ Default: an embedded store, nothing to start: `sqlite:///<cwd>/mlflow.db` with a
 `<cwd>/mlartifacts/<experiment>`. `--tracking-uri http://host:port` (or $MLFLOW_TRACKING_URI)
 points at an `mlflow server`; `--no-tracking` turns it all off.
 
-A `Tracker` opens one run per job in the task's experiment (`lora-diffusion/<task>`), logs the
-flattened config as params, every `report(step, metrics)` of the training loop, final metrics,
-system tags and the run's files; `log_model` logs a pyfunc model (`jobs/adaptor_model.py`) and
-optionally registers it. Only rank 0 logs. A server that is unreachable at start fails the job
+Everything logs through one wrapper, `MlflowRun` (a run by id, through an `MlflowClient`): a
+job's run, a Ray worker's metrics into its driver's run (`MlflowRun.attach`), a sweep and its
+nested trials, the experiments' analysis runs, the report. A `Tracker` is a job's run: one per
+job in the task's experiment (`lora-diffusion/<task>`), the flattened config as params, every
+`report(step, metrics)` of the training loop, final metrics, system tags and the run's files;
+`log_model` logs a pyfunc model (`jobs/adaptor_model.py`) and optionally registers it. Only
+rank 0 logs. `tracking_uri` is the one rule for which store a flag names (Serve uses it too). A server that is unreachable at start fails the job
 before training (exit 2); one that drops mid-run only costs the logging: the results are in
 OUTPUT_DIR already, and the job ends normally with a warning.
 """
@@ -136,15 +139,144 @@ def check_reachable(uri: str, timeout: int = 5) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-class Tracker:
-    """One MLflow run of a job. Every method is a no-op when disabled, on ranks other than 0,
-    and after the first logging failure (which is reported once, as a warning)."""
+RUN_FILES = ("metrics.json", "history.json", "config.json", "adaptor_report.json")
 
-    def __init__(self, enabled: bool = True, rank: int = 0) -> None:
-        self.active = enabled and rank == 0
-        self.run_id: str | None = None
+
+def metrics_of(d: dict) -> dict[str, float]:
+    """The numbers of a result or report dict as MLflow metrics (bools and strings left out)."""
+    numbers = {k: v for k, v in d.items() if isinstance(v, int | float)}
+    return {k: float(v) for k, v in numbers.items() if not isinstance(v, bool)}
+
+
+class MlflowRun:
+    """One MLflow run, addressed by id through an `MlflowClient`: the one wrapper through which
+    every job, training worker, sweep trial, sweep and report logs. After the first failure it
+    warns once and logs nothing more: logging must never cost the results of a run (they are
+    on disk already). A run with no `uri` (tracking off, or not rank 0) logs nothing."""
+
+    def __init__(self, uri: str | None = None, run_id: str | None = None) -> None:
+        self.uri, self.run_id = uri, run_id
         self.failed: str | None = None
-        self.out_dir: str | None = None
+        self.out_dir: str | None = None  # named in the warning: where the results still are
+        self.client = None
+        if uri and run_id:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(uri)
+
+    @classmethod
+    def start(
+        cls,
+        uri: str,
+        experiment: str,
+        name: str,
+        tags: dict | None = None,
+        parent: str | None = None,
+    ) -> MlflowRun:
+        """A new run in `experiment` (created, with its artifacts beside the store, if new),
+        nested under run id `parent` when given. Raises what MLflow raises."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            exp_id = client.create_experiment(experiment, artifact_location(uri, experiment))
+        else:
+            exp_id = exp.experiment_id
+        tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        return cls(uri, client.create_run(exp_id, run_name=name, tags=tags).info.run_id)
+
+    @classmethod
+    def attach(cls, spec: dict | None) -> MlflowRun:
+        """The run a `spec()` names (a Ray worker logging into its driver's run)."""
+        return cls(spec["uri"], spec["run_id"]) if spec else cls()
+
+    @property
+    def active(self) -> bool:
+        return self.client is not None and self.failed is None
+
+    def spec(self) -> dict | None:
+        """What another process needs to log into this run; None when logging is off."""
+        return {"uri": self.uri, "run_id": self.run_id} if self.active else None
+
+    def _guard(self, what: str, fn, *args, **kwargs):
+        if not self.active:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            self.failed = f"{what}: {type(e).__name__}: {str(e)[:300]}"
+            where = f"; the run's files are in {self.out_dir}" if self.out_dir else ""
+            print(f"warning: MLflow logging stopped ({self.failed}){where}", file=sys.stderr)
+            return None
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # the store's per-request limit
+            self._guard("params", self.client.log_batch, self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
+        self._guard("tags", self.client.log_batch, self.run_id, tags=items)
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        """The numbers in `metrics` at `step` (a training loop's `report` callback)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v in metrics_of(metrics).items()]
+        self._guard("metrics", self.client.log_batch, self.run_id, metrics=batch)
+
+    def report(self, step: int, metrics: dict) -> None:
+        """The training loop's callback: every logged step's metrics, at that step."""
+        self.log_metrics(metrics, step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._guard("artifacts", self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_run_files(self, result: dict, out_dir: str | Path, dirs=("plots",)) -> None:
+        """A finished job's results as metrics (at its last step) and its files as artifacts."""
+        self.log_metrics(result, step=int(result.get("steps", 0)))
+        out = Path(out_dir)
+        for name in RUN_FILES:
+            if (out / name).is_file():
+                self.log_artifact(out / name)
+        for sub in dirs:
+            if (out / sub).is_dir():
+                upload = self.client.log_artifacts
+                self._guard("artifacts", upload, self.run_id, str(out / sub), sub)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the run ended: FINISHED, FAILED (the job raised) or KILLED."""
+        if self.client is None:
+            return
+        try:
+            self.client.set_terminated(self.run_id, status)
+        except Exception as e:  # a failing job's own error is the one to show
+            if status == "FINISHED" and not self.failed:
+                self.failed = f"end: {type(e).__name__}: {str(e)[:300]}"
+                print(f"warning: MLflow logging stopped ({self.failed})", file=sys.stderr)
+
+    def outcome(self) -> dict:
+        """The keys a job adds to its results: the run id, and why logging stopped if it did."""
+        if self.run_id is None:
+            return {}
+        error = {"tracking_error": self.failed} if self.failed else {}
+        return {"mlflow_run_id": self.run_id, **error}
+
+
+class Tracker(MlflowRun):
+    """The MLflow run of a job (train, pretrain): opened from the job's flags on rank 0, its
+    config as params, every `report(step, metrics)` of the training loop, final results, files,
+    system tags and the pyfunc model (`log_model`), registered on request."""
 
     @classmethod
     def from_args(cls, a, experiment: str, run_name: str, rank: int = 0) -> Tracker:
@@ -153,149 +285,54 @@ class Tracker:
             fail("--register/--alias need tracking; drop --no-tracking")
         if a.alias and a.register is None:
             fail("--alias needs --register")
-        tags = parse_tags(getattr(a, "tags", []))
-        t = cls(enabled=not a.no_tracking, rank=rank)
-        if t.active:
-            t.start(tracking_uri(a.tracking_uri), a.experiment or experiment, run_name)
-            if tags:
-                import mlflow
-
-                t._guard("tags", mlflow.set_tags, tags)
-        return t
-
-    def start(self, uri: str, experiment: str, run_name: str) -> None:
+        if a.no_tracking or rank != 0:
+            return cls()
+        uri = tracking_uri(a.tracking_uri)
         check_reachable(uri)
-        import mlflow
-
+        tags = {**system_tags(), **parse_tags(getattr(a, "tags", []))}
         try:
-            mlflow.set_tracking_uri(uri)
-            if mlflow.get_experiment_by_name(experiment) is None:
-                mlflow.create_experiment(experiment, artifact_location(uri, experiment))
-            mlflow.set_experiment(experiment)
-            self.run_id = mlflow.start_run(run_name=run_name).info.run_id
-            mlflow.set_tags(system_tags())
+            run = cls.start(uri, a.experiment or experiment, run_name, tags)
         except Exception as e:
             fail(f"cannot start an MLflow run at {uri}: {e}")
-        self.uri = uri
+        import mlflow
 
-    def _guard(self, what: str, fn, *args, **kwargs):
-        if not self.active or self.failed:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # logging must never cost the results of a finished run
-            self.failed = f"{what}: {type(e).__name__}: {str(e)[:300]}"
-            where = f"; the run's files are in {self.out_dir}" if self.out_dir else ""
-            print(f"warning: MLflow logging stopped ({self.failed}){where}", file=sys.stderr)
-            return None
+        mlflow.set_tracking_uri(uri)  # the registry helpers (lineage, register) use it
+        return run
 
     def log_config(self, cfg, **tags: str) -> None:
-        import mlflow
-
         self.out_dir = getattr(cfg, "output_dir", None)
-        self._guard("params", mlflow.log_params, flatten(dataclasses.asdict(cfg)))
-        self._guard("tags", mlflow.set_tags, {k: str(v) for k, v in tags.items()})
-
-    def report(self, step: int, metrics: dict[str, float]) -> None:
-        """The training loop's callback: every logged step's metrics, at that step."""
-        import mlflow
-
-        m = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        self._guard("metrics", mlflow.log_metrics, m, step=step)
-
-    def finish(self, result: dict, out_dir: str | Path) -> None:
-        """Final scalar results as metrics, and the run's files as artifacts."""
-        import mlflow
-
-        final = {k: float(v) for k, v in result.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
-        self._guard("final metrics", mlflow.log_metrics, final, step=int(result.get("steps", 0)))
-        out = Path(out_dir)
-        for name in ("metrics.json", "history.json", "config.json", "adaptor_report.json"):
-            if (out / name).is_file():
-                self._guard("artifacts", mlflow.log_artifact, str(out / name))
-        if (out / "plots").is_dir():
-            self._guard("artifacts", mlflow.log_artifacts, str(out / "plots"), "plots")
+        self.log_params(flatten(dataclasses.asdict(cfg)))
+        self.set_tags(tags)
 
     def log_model(self, artifacts: dict[str, str], config: dict, name: str | None,
                   tags: dict, alias: str | None = None) -> dict:  # fmt: skip
         """Log a pyfunc model of `artifacts` (base and/or adaptor folders); with `name`,
         register it with version `tags` (and `alias`). Returns the keys for the job's results."""
-        info = self._guard("model", _log_pyfunc, artifacts, config)
+        info = self._guard("model", _log_pyfunc, self.uri, self.run_id, artifacts, config)
         if info is None:
             return {}
         out = {"mlflow_model_uri": info.model_uri}
-        self._guard("tags", _set_run_tag, "model_uri", info.model_uri)
+        self.set_tags({"model_uri": info.model_uri})
         if name is not None:
             v = self._guard("registry", register, info.model_uri, name, tags, alias)
             if v is not None:
                 out.update(registered_model=name, registered_version=int(v.version))
-                self._guard("tags", _set_run_tag, "registered_model", name)
+                self.set_tags({"registered_model": name})
         return out
-
-    def worker_spec(self) -> dict | None:
-        """What a Ray worker needs to log into this run (see `RunLogger`); None when off."""
-        if not self.active or self.failed:
-            return None
-        return {"uri": self.uri, "run_id": self.run_id}
 
     def close(self) -> dict:
         """End the run; returns the keys the job adds to its results."""
-        import mlflow
-
-        if not self.active:
-            return {}
-        self._guard("end", mlflow.end_run, "FINISHED")
-        if self.failed:
-            return {"mlflow_run_id": self.run_id, "tracking_error": self.failed}
-        return {"mlflow_run_id": self.run_id}
+        self.end("FINISHED")
+        return self.outcome()
 
     def abort(self) -> None:
         """End the run as FAILED (the job raised)."""
-        import mlflow
-
-        if self.active and not self.failed:
-            try:
-                mlflow.end_run("FAILED")
-            except Exception:  # already failing; the job's own error is the one to show
-                pass
+        self.end("FAILED")
 
 
-class RunLogger:
-    """Per-step metrics from a training worker (rank 0) into the driver's run, by run id.
-    Like Tracker, it warns once and stops at the first failure: training goes on."""
-
-    def __init__(self, spec: dict | None) -> None:
-        self.spec, self.failed = spec, False
-        if spec:
-            from mlflow import MlflowClient
-
-            self.client = MlflowClient(spec["uri"])
-
-    def report(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.spec or self.failed:
-            return
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)]  # fmt: skip
-        try:
-            self.client.log_batch(self.spec["run_id"], metrics=batch)
-        except Exception as e:  # the server dropped: keep training, results stay on disk
-            self.failed = True
-            print(f"warning: MLflow metric logging stopped: {str(e)[:300]}", file=sys.stderr)
-
-
-def _set_run_tag(key: str, value: str) -> None:
-    import mlflow
-
-    mlflow.set_tag(key, value)
-
-
-def _log_pyfunc(artifacts: dict[str, str], config: dict):
+def _log_pyfunc(uri: str, run_id: str, artifacts: dict[str, str], config: dict):
+    """Log a pyfunc model of `artifacts` on run `run_id` of store `uri` (MLflow logs models
+    into the active run only: the run is resumed for it)."""
     import mlflow
     import torch
     import transformers
@@ -303,13 +340,15 @@ def _log_pyfunc(artifacts: dict[str, str], config: dict):
     reqs = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
             f"transformers=={transformers.__version__}", "safetensors", "pandas",
             "lora-diffusion"]  # fmt: skip
-    return mlflow.pyfunc.log_model(
-        name="adaptor" if "adaptor" in artifacts else "base",
-        python_model=str(ADAPTOR_MODEL_CODE),
-        artifacts=artifacts,
-        model_config=config,
-        pip_requirements=reqs,  # listed: MLflow's inference would cost seconds per job
-    )
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        return mlflow.pyfunc.log_model(
+            name="adaptor" if "adaptor" in artifacts else "base",
+            python_model=str(ADAPTOR_MODEL_CODE),
+            artifacts=artifacts,
+            model_config=config,
+            pip_requirements=reqs,  # listed: MLflow's inference would cost seconds per job
+        )
 
 
 def register(model_uri: str, name: str, tags: dict, alias: str | None = None):
@@ -340,15 +379,10 @@ def load_registered_adaptor(model_uri: str, base: str | None = None):
     """(denoiser, tokenizer) of a logged or registered adaptor (`models:/sst2-ld@production`,
     `models:/sst2-ld/3`, `models:/<model id>`), ready for `evaluate_all`. `base` overrides the
     base folder the model carries or references; the base fingerprint is checked either way."""
-    import mlflow
 
-    from jobs.adaptor_model import build_denoiser, resolve_base
+    from jobs.adaptor_model import build_denoiser, download_model, resolve_base
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    model = mlflow.models.Model.load(local)
-    flavor = model.flavors["python_function"]
-    paths = {k: str(local / v["path"]) for k, v in flavor.get("artifacts", {}).items()}
-    config = flavor.get("config") or {}  # the model_config it was logged with
+    paths, config = download_model(model_uri)  # config: the model_config it was logged with
     if base is None:
         base = resolve_base(config["base_uri"]) if config.get("base_uri") else paths["base"]
     return build_denoiser(base, paths.get("adaptor"), config.get("task"))
@@ -361,14 +395,14 @@ def track_adaptor(tracker: Tracker, a, cfg, result: dict) -> dict:
         return {}
     from lora_diffusion.methods import read_method_config
 
-    tracker.finish(result, cfg.output_dir)
+    tracker.log_run_files(result, cfg.output_dir)
     adaptor_dir = result["adaptor_dir"]
     fingerprint = read_method_config(adaptor_dir).get("base_fingerprint")
     lineage = tracker._guard("lineage", find_base_version, fingerprint, a.base_model_name)
     base_name, base_version = lineage or (a.base_model_name, None)
     tags = {"task": cfg.task, "method": cfg.method, "base_fingerprint": fingerprint,
             "base_name": base_name, "base_version": base_version}  # fmt: skip
-    tracker._guard("tags", _set_tags, tags)
+    tracker.set_tags(tags)
     tags.update({k: v for k, v in result.items() if k.startswith("eval_") and _scalar(v)})
     artifacts = {"adaptor": adaptor_dir}
     base_uri = None
@@ -383,7 +417,7 @@ def track_adaptor(tracker: Tracker, a, cfg, result: dict) -> dict:
     return tracker.log_model(artifacts, config, name, tags, a.alias)
 
 
-def register_run_adaptor(run_id: str, adaptor_dir: str, cfg, name: str,
+def register_run_adaptor(uri: str, run_id: str, adaptor_dir: str, cfg, name: str,
                          alias: str | None = None, extra_tags: dict | None = None):  # fmt: skip
     """Log `adaptor_dir` (with a copy of the base folder) as a pyfunc model on an existing run
     (a sweep's best trial) and register it as a new version of `name`, tagged like
@@ -392,6 +426,7 @@ def register_run_adaptor(run_id: str, adaptor_dir: str, cfg, name: str,
 
     from lora_diffusion.methods import read_method_config
 
+    mlflow.set_tracking_uri(uri)  # find_base_version and register read it
     fingerprint = read_method_config(adaptor_dir).get("base_fingerprint")
     base_name, base_version = find_base_version(fingerprint)
     tags = {"task": cfg.task, "method": cfg.method, "base_fingerprint": fingerprint,
@@ -399,9 +434,8 @@ def register_run_adaptor(run_id: str, adaptor_dir: str, cfg, name: str,
     artifacts = {"adaptor": str(adaptor_dir)}
     if Path(cfg.base).is_dir():
         artifacts["base"] = str(Path(cfg.base).resolve())
-    with mlflow.start_run(run_id=run_id):
-        info = _log_pyfunc(artifacts, {"task": cfg.task, "base_uri": None})
-        mlflow.set_tag("model_uri", info.model_uri)
+    info = _log_pyfunc(uri, run_id, artifacts, {"task": cfg.task, "base_uri": None})
+    MlflowRun(uri, run_id).set_tags({"model_uri": info.model_uri})
     return register(info.model_uri, name, tags, alias)
 
 
@@ -413,23 +447,17 @@ def track_base(tracker: Tracker, a, cfg, result: dict) -> dict:
     from lora_diffusion.adaptor_io import base_fingerprint
     from lora_diffusion.models import load_base
 
-    tracker.finish(result, cfg.output_dir)
+    tracker.log_run_files(result, cfg.output_dir)
     model_dir = str(Path(result["model_dir"]).resolve())
     tags = {"kind": "base", "base_fingerprint": base_fingerprint(load_base(model_dir)[0]),
             "preset": cfg.preset, "heldout_loss": result.get("heldout_loss")}  # fmt: skip
-    tracker._guard("tags", _set_tags, tags)
+    tracker.set_tags(tags)
     name = None if a.register is None else a.register or f"base-{cfg.preset}"
     return tracker.log_model({"base": model_dir}, {"task": None}, name, tags, a.alias)
 
 
 def _scalar(v) -> bool:
     return isinstance(v, int | float | str) and not isinstance(v, bool)
-
-
-def _set_tags(tags: dict) -> None:
-    import mlflow
-
-    mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
 
 
 def run_name(cfg) -> str:

@@ -27,7 +27,7 @@ from jobs.common import (
     fail,
 )
 from jobs.tracking import (
-    RunLogger,
+    MlflowRun,
     Tracker,
     add_tracking_flags,
     check_reachable,
@@ -172,7 +172,7 @@ def main(argv=None) -> dict:
             paths = ("base", "data_dir", "corpus_dir", "cache_dir", "resume_from")
             config = {
                 "cfg": raytrain.absolute_paths(cfg, paths),
-                "tracking": tracker.worker_spec(),
+                "tracking": tracker.spec(),
                 "progress": False,
             }
             result, _ = raytrain.run(train_loop, config, a, resources)
@@ -216,7 +216,7 @@ def train_loop(config: dict) -> None:
         resume_from=resume or config["cfg"].resume_from,
         threads=None,
     )
-    logger = RunLogger(config["tracking"] if dist.rank == 0 else None)
+    logger = MlflowRun.attach(config["tracking"] if dist.rank == 0 else None)
     result = finetune(
         cfg,
         report=_printer(logger.report),

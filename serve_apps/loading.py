@@ -90,12 +90,11 @@ def _download(uri: str, tracking_uri: str) -> tuple[dict[str, Path], dict]:
     """(artifact name -> local path, model_config) of a logged pyfunc model."""
     import mlflow
 
+    from jobs.adaptor_model import download_model
+
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    flavor = mlflow.models.Model.load(local).flavors["python_function"]
-    paths = {k: local / v["path"] for k, v in flavor.get("artifacts", {}).items()}
-    return paths, flavor.get("config") or {}
+    return download_model(uri)
 
 
 def _base_dir(spec: str, tracking_uri: str) -> str:

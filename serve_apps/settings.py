@@ -2,7 +2,6 @@
 path on `serve run`. The limits are explained, with the measurements behind them, in
 docs/SERVING.md."""
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +79,10 @@ class Settings(BaseModel):
 def resolve_settings(args: dict[str, Any]) -> Settings:
     """Settings with relative paths made absolute here, where the user runs `serve run` (a
     replica's working directory is not theirs)."""
+    from jobs.tracking import tracking_uri  # the jobs' rule: the same store for the same flag
+
     s = Settings(**args)
-    uri = s.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{(Path.cwd() / uri[len('sqlite:///') :]).resolve()}"
-    s.tracking_uri = uri
+    s.tracking_uri = tracking_uri(s.tracking_uri)
     for key in ("base", "router"):
         value = getattr(s, key)
         if value and "://" not in value and Path(value).exists():

@@ -17,7 +17,7 @@ mlflow = pytest.importorskip("mlflow")
 from jobs.report import main  # noqa: E402
 
 EXP = "lora-diffusion/sst2"
-# (method, seed) -> final metrics, as Tracker.finish logs them
+# (method, seed) -> final metrics, as Tracker.log_run_files logs them
 TRAINING = {
     ("lora_diffusion", 0): {
         "eval_accuracy": 0.80,

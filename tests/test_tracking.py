@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 mlflow = pytest.importorskip("mlflow")
 pd = pytest.importorskip("pandas")
 
-from jobs.tracking import Tracker, load_registered_adaptor  # noqa: E402
+from jobs.tracking import MlflowRun, load_registered_adaptor  # noqa: E402
 from tests.test_jobs import last_json, run_job  # noqa: E402
 
 TINY_TRAIN = ["--method", "lora_diffusion", "--task", "sst2", "--max-steps", "6",
@@ -140,22 +140,35 @@ def test_register_job_promotes_a_run_moves_an_alias_and_lists(tracked, store, ca
     assert listed["versions"][-1]["tags"]["base_name"] == "tiny-base"
 
 
-def test_a_logging_failure_mid_run_warns_once_and_keeps_the_results(monkeypatch, capsys):
-    tracker = Tracker(enabled=True)
-    tracker.out_dir, tracker.run_id = "/runs/x", "r1"
+def test_a_logging_failure_mid_run_warns_once_and_keeps_the_results(tmp_path, monkeypatch, capsys):
+    run = MlflowRun.start(f"sqlite:///{tmp_path / 'mlflow.db'}", "x", "r")
+    run.out_dir = "/runs/x"
+    run.report(1, {"loss": 2.0})
     calls = []
 
     def down(*args, **kwargs):
         calls.append(1)
         raise ConnectionError("server went away")
 
-    monkeypatch.setattr(mlflow, "log_metrics", down)
-    tracker.report(1, {"loss": 1.0})
-    tracker.report(2, {"loss": 0.5})
+    monkeypatch.setattr(run.client, "log_batch", down)
+    run.report(2, {"loss": 1.0})
+    run.report(3, {"loss": 0.5})
+    run.log_params({"a": 1})
     err = capsys.readouterr().err
     assert err.count("warning: MLflow logging stopped") == 1 and "/runs/x" in err
     assert len(calls) == 1
-    assert "server went away" in tracker.close()["tracking_error"]
+    assert "server went away" in run.outcome()["tracking_error"]
+    monkeypatch.undo()
+    run.end()  # the run still ends, and what was logged before the failure is kept
+    done = mlflow.MlflowClient(run.uri).get_run(run.run_id)
+    assert done.info.status == "FINISHED" and done.data.metrics == {"loss": 2.0}
+
+
+def test_numbers_of_a_result_become_metrics_and_nothing_else():
+    from jobs.tracking import metrics_of
+
+    got = metrics_of({"acc": 1, "loss": 0.5, "ok": True, "name": "x", "nested": {"a": 1}})
+    assert got == {"acc": 1.0, "loss": 0.5}
 
 
 def _free_port() -> int:
