@@ -66,10 +66,16 @@ class Cached:
                 states = base.layer_states(ids, b["attention_mask"])
                 cond = b["attention_mask"].bool() & ~b["target_mask"]
                 self.batches.append(
-                    dict(ids=ids, x0=b["input_ids"], attn=b["attention_mask"], cond=cond,
-                         target=b["target_mask"], labels=b["labels"],
-                         states=tuple(s.bfloat16() for s in states))
-                )  # fmt: skip
+                    dict(
+                        ids=ids,
+                        x0=b["input_ids"],
+                        attn=b["attention_mask"],
+                        cond=cond,
+                        target=b["target_mask"],
+                        labels=b["labels"],
+                        states=tuple(s.bfloat16() for s in states),
+                    )
+                )
         self.labels = torch.cat([b["labels"] for b in self.batches])
 
     def pooled(self, layer: int) -> torch.Tensor:
@@ -133,9 +139,11 @@ def mlp_probe(xtr, ytr, tests, steps=2000, seed=0) -> list[float]:
     torch.manual_seed(seed)
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
     net = torch.nn.Sequential(
-        torch.nn.Linear(xtr.shape[1], 256), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+        torch.nn.Linear(xtr.shape[1], 256),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.1),
         torch.nn.Linear(256, int(ytr.max()) + 1),
-    )  # fmt: skip
+    )
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -264,10 +272,14 @@ def main(argv=None) -> dict:
     rows: dict[str, dict] = {}
 
     def show(name, accs, params, t0):
-        rows[name] = dict(heldout=accs[0], eval=accs[1], params=params,
-                          seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
-        print(f"{name:44s} {accs[0]:8.3f} {accs[1]:8.3f} {params:>9,d} "
-              f"{rows[name]['seconds']:>6.0f}s", flush=True)  # fmt: skip
+        rows[name] = dict(
+            heldout=accs[0], eval=accs[1], params=params, seconds=round(time.perf_counter() - t0, 1)
+        )
+        print(
+            f"{name:44s} {accs[0]:8.3f} {accs[1]:8.3f} {params:>9,d} "
+            f"{rows[name]['seconds']:>6.0f}s",
+            flush=True,
+        )
 
     print(f"{'reading':44s} {'held-out':>8s} {'eval':>8s} {'params':>9s} {'time':>7s}")
     tests = [val, dev]

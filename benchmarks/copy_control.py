@@ -32,8 +32,10 @@ WORDS = ("negative", "positive")
 
 @torch.no_grad()
 def sensitivity(base, tok) -> None:
-    rows = [encode_prompt(tok, f"review: a great movie . the answer is {w}\nsentiment:", 128, 4)
-            for w in WORDS]  # fmt: skip
+    rows = [
+        encode_prompt(tok, f"review: a great movie . the answer is {w}\nsentiment:", 128, 4)
+        for w in WORDS
+    ]
     b = collate(rows, tok.pad_token_id)
     h = base.hidden_states(b["input_ids"], b["attention_mask"])
     ha, hb = h[0][b["target_mask"][0]], h[1][b["target_mask"][1]]
@@ -74,16 +76,29 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="copy-control-"))
     write_copy_task(resolve_data_dir(a.data_dir), tmp)
     if "copy" not in TASKS:
-        TASKS.register("copy", Task(
-            name="copy", instruction="review: {text}\nsentiment:", label_words=WORDS,
-            splits={"train": "train", "eval": "dev"}, local_dir="copy", hub_id="none",
-            hub_splits={"train": "train", "eval": "validation"},
-        ))  # fmt: skip
+        TASKS.register(
+            "copy",
+            Task(
+                name="copy",
+                instruction="review: {text}\nsentiment:",
+                label_words=WORDS,
+                splits={"train": "train", "eval": "dev"},
+                local_dir="copy",
+                hub_id="none",
+                hub_splits={"train": "train", "eval": "validation"},
+            ),
+        )
     cfg = FinetuneConfig(
-        base=a.base, output_dir=str(tmp / "run"), task="copy", method=a.method, data_dir=str(tmp),
-        eval_limit=200, forgetting_blocks=0, threads=a.threads,
+        base=a.base,
+        output_dir=str(tmp / "run"),
+        task="copy",
+        method=a.method,
+        data_dir=str(tmp),
+        eval_limit=200,
+        forgetting_blocks=0,
+        threads=a.threads,
         train=TrainConfig(lr=a.lr, max_steps=a.max_steps, batch_size=32, warmup_steps=30),
-    )  # fmt: skip
+    )
     cfg = apply_overrides(cfg, a.overrides)
     r = finetune(cfg, progress=False)
     keys = ("train_nll", "eval_accuracy", "eval_valid_rate", "eval_accuracy_scoring")

@@ -53,9 +53,13 @@ SIZES = {
 
 
 def smoke(a, device: str) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-            "device": device}  # fmt: skip
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "device": device,
+    }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
         info["bf16"] = torch.cuda.is_bf16_supported()
@@ -94,19 +98,32 @@ def pretrain(a, device: str) -> dict:
 
     s = SIZES["pretrain"][a.tiny]
     train = TrainConfig(
-        lr=1e-3, max_steps=s["steps"], batch_size=s["batch"], warmup_steps=0,
-        log_every=max(1, s["steps"] // 6), precision=_precision(device),
-    )  # fmt: skip
+        lr=1e-3,
+        max_steps=s["steps"],
+        batch_size=s["batch"],
+        warmup_steps=0,
+        log_every=max(1, s["steps"] // 6),
+        precision=_precision(device),
+    )
     cfg = PretrainConfig(
-        corpus_dir=str(Path(a.data_dir) / "corpus"), output_dir=str(a.work / "pretrain"),
-        preset=s["preset"], tokenizer=a.base, max_documents=s["documents"],
-        heldout_blocks=s["heldout"], cache_dir=str(a.work / "cache"), train=train,
-    )  # fmt: skip
+        corpus_dir=str(Path(a.data_dir) / "corpus"),
+        output_dir=str(a.work / "pretrain"),
+        preset=s["preset"],
+        tokenizer=a.base,
+        max_documents=s["documents"],
+        heldout_blocks=s["heldout"],
+        cache_dir=str(a.work / "cache"),
+        train=train,
+    )
     result = run(cfg, progress=False, dist=_dist(device))
     history = json.loads((a.work / "pretrain" / "history.json").read_text())
     keep = ("heldout_loss", "train_loss", "params", "steps", "seconds")
-    return {**{k: result[k] for k in keep}, "tokens_per_s": history[-1]["tokens_per_s"],
-            "batch": s["batch"], "precision": train.precision}  # fmt: skip
+    return {
+        **{k: result[k] for k in keep},
+        "tokens_per_s": history[-1]["tokens_per_s"],
+        "batch": s["batch"],
+        "precision": train.precision,
+    }
 
 
 def finetune(a, device: str) -> dict:
@@ -118,20 +135,39 @@ def finetune(a, device: str) -> dict:
     s, results = SIZES["finetune"][a.tiny], {}
     for method in METHODS:
         started = time.perf_counter()
-        train = TrainConfig(lr=METHODS.get(method).default_lr, max_steps=s["steps"],
-                            batch_size=s["batch"], warmup_steps=0,
-                            log_every=max(1, s["steps"] // 4),
-                            precision=_precision(device))  # fmt: skip
+        train = TrainConfig(
+            lr=METHODS.get(method).default_lr,
+            max_steps=s["steps"],
+            batch_size=s["batch"],
+            warmup_steps=0,
+            log_every=max(1, s["steps"] // 4),
+            precision=_precision(device),
+        )
         cfg = FinetuneConfig(
-            base=a.base, output_dir=str(a.work / f"ft-{method}"), method=method, task="sst2",
-            data_dir=a.data_dir, max_length=64, train_limit=s["train_limit"],
-            eval_limit=s["eval_limit"], forgetting_blocks=s["blocks"], scoring_num_t=2,
-            cache_dir=str(a.work / "cache"), train=train,
-        )  # fmt: skip
+            base=a.base,
+            output_dir=str(a.work / f"ft-{method}"),
+            method=method,
+            task="sst2",
+            data_dir=a.data_dir,
+            max_length=64,
+            train_limit=s["train_limit"],
+            eval_limit=s["eval_limit"],
+            forgetting_blocks=s["blocks"],
+            scoring_num_t=2,
+            cache_dir=str(a.work / "cache"),
+            train=train,
+        )
         try:
             r = run(cfg, progress=False, dist=_dist(device))
-            keep = ("train_loss", "eval_accuracy", "eval_accuracy_scoring", "forgetting",
-                    "train_seconds", "peak_mb", "trainable_params")  # fmt: skip
+            keep = (
+                "train_loss",
+                "eval_accuracy",
+                "eval_accuracy_scoring",
+                "forgetting",
+                "train_seconds",
+                "peak_mb",
+                "trainable_params",
+            )
             results[method] = {k: r.get(k) for k in keep}
         except Exception as e:  # one method failing must not hide the others
             results[method] = {"error": f"{type(e).__name__}: {e}"}
@@ -176,8 +212,11 @@ def main(argv=None) -> int:
             try:
                 entry = {"status": "ok", "result": STEPS[name](a, device)}
             except Exception as e:
-                entry = {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                         "traceback": traceback.format_exc()[-4000:]}  # fmt: skip
+                entry = {
+                    "status": "failed",
+                    "error": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc()[-4000:],
+                }
             entry["seconds"] = round(time.perf_counter() - t0, 1)
             report["steps"][name] = entry
         print(f"[gpu_check] {name}: {report['steps'][name]['status']}", file=sys.stderr, flush=True)
@@ -203,11 +242,22 @@ def summary(report: dict) -> str:
     if steps.get("pretrain", {}).get("status") == "ok":
         lines += ["", f"Pretrain: `{json.dumps(steps['pretrain']['result'])}`"]
     if steps.get("finetune", {}).get("status") == "ok":
-        lines += ["", "| method | eval acc | scoring acc | forgetting | train s | peak MB |",
-                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        lines += [
+            "",
+            "| method | eval acc | scoring acc | forgetting | train s | peak MB |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for m, r in steps["finetune"]["result"].items():
-            cells = [r.get(k) for k in ("eval_accuracy", "eval_accuracy_scoring", "forgetting",
-                                        "train_seconds", "peak_mb")]  # fmt: skip
+            cells = [
+                r.get(k)
+                for k in (
+                    "eval_accuracy",
+                    "eval_accuracy_scoring",
+                    "forgetting",
+                    "train_seconds",
+                    "peak_mb",
+                )
+            ]
             lines.append(f"| {m} | " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

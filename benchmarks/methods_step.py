@@ -103,8 +103,10 @@ def main() -> None:
         tx = r["seconds"] / ref["seconds"]
         mx = r["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else float("nan")
         r.update(time_ratio=tx, mem_ratio=mx)
-        print(f"{method:15} {r['trainable']:10d} {r['seconds']:9.4f} {r['peak_mb']:9.1f} "
-              f"{tx:7.2f} {mx:7.2f}")  # fmt: skip
+        print(
+            f"{method:15} {r['trainable']:10d} {r['seconds']:9.4f} {r['peak_mb']:9.1f} "
+            f"{tx:7.2f} {mx:7.2f}"
+        )
     if a.json:
         print(json.dumps(rows))
 

@@ -41,8 +41,9 @@ def features(base, tok, task, split, limit, data_dir, max_length=128) -> tuple[d
         blk.register_forward_hook(lambda m, a, out, i=i: blocks.__setitem__(i, out))
         for i, blk in enumerate(base.transformer.blocks)
     ]
-    rows = list(tokenize_task(task, split, tok, max_length, data_dir, limit=limit)
-                .with_format("python"))  # fmt: skip
+    rows = list(
+        tokenize_task(task, split, tok, max_length, data_dir, limit=limit).with_format("python")
+    )
     feats: dict[str, list] = {}
     labels = []
     for i in range(0, len(rows), 64):

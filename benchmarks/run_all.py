@@ -107,9 +107,12 @@ def resolve_sizes(a: argparse.Namespace) -> dict:
     for key, value in (("steps", a.steps), ("tasks", a.tasks)):
         if value is not None:
             sizes["sampling"][key] = value
-    serve = (("requests", a.serve_requests), ("ratio_requests", a.serve_ratio_requests),
-             ("concurrency", a.serve_concurrency),
-             ("max_seconds", a.serve_max_seconds))  # fmt: skip
+    serve = (
+        ("requests", a.serve_requests),
+        ("ratio_requests", a.serve_ratio_requests),
+        ("concurrency", a.serve_concurrency),
+        ("max_seconds", a.serve_max_seconds),
+    )
     for key, value in serve:
         if value is not None:
             sizes["serve"][key] = value
@@ -129,8 +132,15 @@ def child_env(a: argparse.Namespace) -> dict:
 def run_child(cmd: list[str], env: dict, timeout: float) -> tuple[int | None, str, str]:
     """Run cmd in its own process group; on timeout or SIGTERM kill the whole group (the
     benchmark's own measurement subprocesses too). Returns (rc or None on timeout, out, err)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out, err
@@ -164,10 +174,12 @@ def last_json(stdout: str) -> dict:
 
 def environment(a: argparse.Namespace, env: dict) -> dict:
     """Versions and device, probed in a subprocess (the runner itself never touches CUDA)."""
-    code = ("import json, torch; c = torch.cuda.is_available(); print(json.dumps({"
-            "'torch': torch.__version__, 'torch_cuda': torch.version.cuda, 'cuda_available': c, "
-            "'gpu': torch.cuda.get_device_name(0) if c else None, "
-            "'torch_threads': torch.get_num_threads()}))")  # fmt: skip
+    code = (
+        "import json, torch; c = torch.cuda.is_available(); print(json.dumps({"
+        "'torch': torch.__version__, 'torch_cuda': torch.version.cuda, 'cuda_available': c, "
+        "'gpu': torch.cuda.get_device_name(0) if c else None, "
+        "'torch_threads': torch.get_num_threads()}))"
+    )
     rc, out, err = run_child([sys.executable, "-c", code], env, 120)
     info = last_json(out) if rc == 0 else {"probe_error": (err or "").strip()[-500:]}
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -197,9 +209,14 @@ def row(bench: str, name: str, measured: str, r: float | None, meaning: str) -> 
     """One table row; a ratio that cannot be computed (a zero or negative denominator, e.g. no
     measurable memory growth on CPU) is kept as None and shown as n/a, no ratio at all as —."""
     finite = r is not None and math.isfinite(r)
-    return {"source": bench, "benchmark": name, "measured": measured,
-            "ratio": round(r, 4) if finite else None, "ratio_na": r is not None and not finite,
-            "meaning": meaning}  # fmt: skip
+    return {
+        "source": bench,
+        "benchmark": name,
+        "measured": measured,
+        "ratio": round(r, 4) if finite else None,
+        "ratio_na": r is not None and not finite,
+        "meaning": meaning,
+    }
 
 
 # --- benchmarks ---------------------------------------------------------------------------
@@ -214,12 +231,21 @@ def rows_adaptor(raw: dict) -> list[dict]:
 
     def pair(name: str, num: dict, den: dict, meaning: str) -> list[dict]:
         return [
-            row("adaptor_step", f"{name}, time", f"{fs(num['seconds'])} vs {fs(den['seconds'])}",
-                ratio(num["seconds"], den["seconds"]), meaning[0]),
-            row("adaptor_step", f"{name}, memory",
+            row(
+                "adaptor_step",
+                f"{name}, time",
+                f"{fs(num['seconds'])} vs {fs(den['seconds'])}",
+                ratio(num["seconds"], den["seconds"]),
+                meaning[0],
+            ),
+            row(
+                "adaptor_step",
+                f"{name}, memory",
                 f"{fmb(num['peak_mb'])} vs {fmb(den['peak_mb'])}",
-                ratio(num["peak_mb"], den["peak_mb"]), meaning[1]),
-        ]  # fmt: skip
+                ratio(num["peak_mb"], den["peak_mb"]),
+                meaning[1],
+            ),
+        ]
 
     return [
         *pair("adaptor step / base forward", ad, b,
@@ -245,15 +271,25 @@ def rows_methods(raw: dict) -> list[dict]:
     for m, r in raw.items():
         if m == "lora_diffusion":
             continue
-        out.append(row(B, f"{m} / LoRA-Diffusion step, time",
-                       f"{fs(r['seconds'])} vs {fs(ref['seconds'])}",
-                       ratio(r["seconds"], ref["seconds"]),
-                       f"training step; trainable {r['trainable']:,} vs {ref['trainable']:,}; "
-                       "> 1: slower than LoRA-Diffusion"))  # fmt: skip
-        out.append(row(B, f"{m} / LoRA-Diffusion step, memory",
-                       f"{fmb(r['peak_mb'])} vs {fmb(ref['peak_mb'])}",
-                       ratio(r["peak_mb"], ref["peak_mb"]),
-                       "peak extra memory; > 1: needs more than LoRA-Diffusion"))  # fmt: skip
+        out.append(
+            row(
+                B,
+                f"{m} / LoRA-Diffusion step, time",
+                f"{fs(r['seconds'])} vs {fs(ref['seconds'])}",
+                ratio(r["seconds"], ref["seconds"]),
+                f"training step; trainable {r['trainable']:,} vs {ref['trainable']:,}; "
+                "> 1: slower than LoRA-Diffusion",
+            )
+        )
+        out.append(
+            row(
+                B,
+                f"{m} / LoRA-Diffusion step, memory",
+                f"{fmb(r['peak_mb'])} vs {fmb(ref['peak_mb'])}",
+                ratio(r["peak_mb"], ref["peak_mb"]),
+                "peak extra memory; > 1: needs more than LoRA-Diffusion",
+            )
+        )
     return out
 
 
@@ -270,32 +306,53 @@ def rows_sampling(raw: dict) -> list[dict]:
     n, steps, B = cc["tasks"], bc["steps"], "sampling"
     agnostic = "" if bc["time_agnostic"] else " (base is time-conditioned: no cache applies)"
     return [
-        row(B, f"composed ({n} adaptors) / base sampling, time",
+        row(
+            B,
+            f"composed ({n} adaptors) / base sampling, time",
             f"{fs(cc['seconds'])} vs {fs(bc['seconds'])} per call",
             ratio(cc["seconds"], bc["seconds"]),
             f"sample() at equal batch and {steps} steps, per-example task weights; both with "
-            "the default cache"),
-        row(B, f"composed ({n} adaptors) / base sampling, time, no cache",
+            "the default cache",
+        ),
+        row(
+            B,
+            f"composed ({n} adaptors) / base sampling, time, no cache",
             f"{fs(cn['seconds'])} vs {fs(bn['seconds'])} per call",
             ratio(cn["seconds"], bn["seconds"]),
-            "base + adaptors vs base at every step: the adaptors' own cost"),
-        row(B, f"composed ({n} adaptors) / base sampling, memory",
-            f"{fmb(cc['peak_mb'])} vs {fmb(bc['peak_mb'])}", ratio(cc["peak_mb"], bc["peak_mb"]),
-            "peak extra memory of a sample call (cache on)"),
-        row(B, "cached / uncached base sampling, time",
+            "base + adaptors vs base at every step: the adaptors' own cost",
+        ),
+        row(
+            B,
+            f"composed ({n} adaptors) / base sampling, memory",
+            f"{fmb(cc['peak_mb'])} vs {fmb(bc['peak_mb'])}",
+            ratio(cc["peak_mb"], bc["peak_mb"]),
+            "peak extra memory of a sample call (cache on)",
+        ),
+        row(
+            B,
+            "cached / uncached base sampling, time",
             f"{fs(bc['seconds'])} vs {fs(bn['seconds'])}; {bc['network_calls']} vs "
-            f"{bn['network_calls']} network calls", ratio(bc["seconds"], bn["seconds"]),
-            f"sample(cache=True) vs cache=False on the time-agnostic base{agnostic}; < 1: faster"),
-        row(B, "cached / uncached base sampling, network calls",
+            f"{bn['network_calls']} network calls",
+            ratio(bc["seconds"], bn["seconds"]),
+            f"sample(cache=True) vs cache=False on the time-agnostic base{agnostic}; < 1: faster",
+        ),
+        row(
+            B,
+            "cached / uncached base sampling, network calls",
             f"{bc['network_calls']} vs {bn['network_calls']} ({bc['calls_saved']} of {steps} "
-            "saved)", ratio(bc["network_calls"], bn["network_calls"]),
-            "steps where no token changed reuse the last output"),
-        row(B, "cached / uncached composed sampling, time",
+            "saved)",
+            ratio(bc["network_calls"], bn["network_calls"]),
+            "steps where no token changed reuse the last output",
+        ),
+        row(
+            B,
+            "cached / uncached composed sampling, time",
             f"{fs(cc['seconds'])} vs {fs(cn['seconds'])}; base forwards {cc['network_calls']} vs "
             f"{cn['network_calls']} ({cc['calls_saved']} saved)",
             ratio(cc["seconds"], cn["seconds"]),
-            "AdaptedDenoiser.cache_base: base output reused, adaptors still run every step"),
-    ]  # fmt: skip
+            "AdaptedDenoiser.cache_base: base output reused, adaptors still run every step",
+        ),
+    ]
 
 
 def cmd_serve(a, s, out_json: str) -> list[str]:
@@ -310,21 +367,30 @@ def rows_serve(raw: dict) -> list[dict]:
     B = "serve_load"
     errors = sum(raw[k]["errors"] for k in ("load", "single_task", "mixed_task", "batch_1"))
     return [
-        row(B, "Serve mixed-task / single-task throughput",
+        row(
+            B,
+            "Serve mixed-task / single-task throughput",
             f"{mi['throughput_rps']} vs {si['throughput_rps']} req/s",
             ratio(mi["throughput_rps"], si["throughput_rps"]),
-            "generate requests, every task and weighting mixed vs one task one-hot "
-            "(target >= 0.9)"),
-        row(B, "Serve batched / batch-1 throughput",
+            "generate requests, every task and weighting mixed vs one task one-hot (target >= 0.9)",
+        ),
+        row(
+            B,
+            "Serve batched / batch-1 throughput",
             f"{mi['throughput_rps']} vs {b1['throughput_rps']} req/s (mean batch "
             f"{mi['mean_batch']} vs {b1['mean_batch']})",
             ratio(mi["throughput_rps"], b1["throughput_rps"]),
-            "the same mixed traffic, max_batch_size as set vs 1"),
-        row(B, "Serve mixed load",
+            "the same mixed traffic, max_batch_size as set vs 1",
+        ),
+        row(
+            B,
+            "Serve mixed load",
             f"{ld['requests']} req, {ld['throughput_rps']} req/s, p50 {ld['p50_ms']} ms, p99 "
-            f"{ld['p99_ms']} ms", None,
-            f"generate (one-hot / mixed / routed) + classify; errors in all phases: {errors}"),
-    ]  # fmt: skip
+            f"{ld['p99_ms']} ms",
+            None,
+            f"generate (one-hot / mixed / routed) + classify; errors in all phases: {errors}",
+        ),
+    ]
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -346,10 +412,22 @@ def main(argv=None) -> int:
         raise Terminated()
 
     signal.signal(signal.SIGTERM, on_term)
-    result = {"config": {"preset": a.preset, "device": a.device, "quick": a.quick,
-                         "base": a.base, "threads": a.threads, "sizes": sizes},
-              "environment": {}, "rows": [], "raw": {}, "skipped": {}, "failed": {},
-              "complete": False}  # fmt: skip
+    result = {
+        "config": {
+            "preset": a.preset,
+            "device": a.device,
+            "quick": a.quick,
+            "base": a.base,
+            "threads": a.threads,
+            "sizes": sizes,
+        },
+        "environment": {},
+        "rows": [],
+        "raw": {},
+        "skipped": {},
+        "failed": {},
+        "complete": False,
+    }
     rows: list[dict] = result["rows"]
 
     def save() -> None:
@@ -368,8 +446,10 @@ def main(argv=None) -> int:
         log(f"preset={a.preset} device={a.device} quick={a.quick} plan={','.join(plan)}")
         result["environment"] = environment(a, env)
         e = result["environment"]
-        log(f"torch {e.get('torch')} (cuda {e.get('torch_cuda')}), cuda available: "
-            f"{e.get('cuda_available')}, gpu: {e.get('gpu')}")  # fmt: skip
+        log(
+            f"torch {e.get('torch')} (cuda {e.get('torch_cuda')}), cuda available: "
+            f"{e.get('cuda_available')}, gpu: {e.get('gpu')}"
+        )
         if a.device == "cuda" and not e.get("cuda_available"):
             msg = "ERROR: --device cuda but torch.cuda.is_available() is False; nothing measured"
             log(msg)
@@ -384,8 +464,9 @@ def main(argv=None) -> int:
                 if not (Path(a.base) / "config.json").is_file():
                     rc = 1
                     result["failed"]["serve"] = f"--base {a.base}: no model folder (config.json)"
-                    rows.append(row("serve_load", "serve", "FAILED", None,
-                                    result["failed"]["serve"]))  # fmt: skip
+                    rows.append(
+                        row("serve_load", "serve", "FAILED", None, result["failed"]["serve"])
+                    )
                     log(f"serve: FAILED: {result['failed']['serve']}")
                     continue
                 tmp = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
@@ -409,8 +490,12 @@ def main(argv=None) -> int:
                     raise RuntimeError(f"exit {code}: {tail}")
                 raw = json.loads(Path(tmp).read_text()) if tmp else last_json(out)
                 result["raw"][bench] = raw
-                new = {"adaptor": rows_adaptor, "methods": rows_methods,
-                       "sampling": rows_sampling, "serve": rows_serve}[bench](raw)  # fmt: skip
+                new = {
+                    "adaptor": rows_adaptor,
+                    "methods": rows_methods,
+                    "sampling": rows_sampling,
+                    "serve": rows_serve,
+                }[bench](raw)
                 rows.extend(new)
                 log(f"{bench}: done in {took:.0f} s")
             except (RuntimeError, ValueError, KeyError) as exc:
@@ -432,16 +517,25 @@ def main(argv=None) -> int:
         rows.append(row("run_all", "run_all", "TERMINATED", None,
                         f"not measured: {', '.join(left) or 'none'}"))  # fmt: skip
     if "serve" in result["skipped"]:
-        rows.append(row("serve_load", "Serve mixed/single, batched/batch-1", "skipped", None,
-                        result["skipped"]["serve"]))  # fmt: skip
+        rows.append(
+            row(
+                "serve_load",
+                "Serve mixed/single, batched/batch-1",
+                "skipped",
+                None,
+                result["skipped"]["serve"],
+            )
+        )
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     save()
     s = sizes
-    print(f"preset={a.preset} device={a.device} quick={a.quick} | training steps: batch "
-          f"{s['adaptor']['batch']}x{s['adaptor']['seq']} (adaptor_step), "
-          f"{s['methods']['batch']}x{s['methods']['seq']} (methods_step) | sampling: batch "
-          f"{s['sampling']['batch']}x{s['sampling']['seq']}, {s['sampling']['steps']} steps, "
-          f"{s['sampling']['tasks']} adaptors | {result['seconds']} s\n")  # fmt: skip
+    print(
+        f"preset={a.preset} device={a.device} quick={a.quick} | training steps: batch "
+        f"{s['adaptor']['batch']}x{s['adaptor']['seq']} (adaptor_step), "
+        f"{s['methods']['batch']}x{s['methods']['seq']} (methods_step) | sampling: batch "
+        f"{s['sampling']['batch']}x{s['sampling']['seq']}, {s['sampling']['steps']} steps, "
+        f"{s['sampling']['tasks']} adaptors | {result['seconds']} s\n"
+    )
     print(render(rows))
     if a.quick or a.preset == "tiny":
         print("\n(quick / tiny sizes: per-call overhead dominates; a smoke test, not a result)")

@@ -47,8 +47,9 @@ def task_weights(batch: int, n_tasks: int) -> torch.Tensor:
     return w
 
 
-def measure(kind: str, preset: str, batch: int, seq: int, steps: int, n_tasks: int,
-            device: str, reps: int) -> dict:  # fmt: skip
+def measure(
+    kind: str, preset: str, batch: int, seq: int, steps: int, n_tasks: int, device: str, reps: int
+) -> dict:
     from lora_diffusion.adaptor import AdaptorConfig, TrajectoryAdaptor
     from lora_diffusion.composition import AdaptedDenoiser
     from lora_diffusion.corruption import get_process
@@ -111,9 +112,16 @@ def measure(kind: str, preset: str, batch: int, seq: int, steps: int, n_tasks: i
         peak_mb = (torch.cuda.max_memory_allocated() - start_mem) / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-    return {"kind": kind, "seconds": seconds, "peak_mb": peak_mb, "network_calls": calls,
-            "calls_saved": saved, "steps": steps, "tasks": n_tasks if composed else 0,
-            "time_agnostic": not base.time_conditioned}  # fmt: skip
+    return {
+        "kind": kind,
+        "seconds": seconds,
+        "peak_mb": peak_mb,
+        "network_calls": calls,
+        "calls_saved": saved,
+        "steps": steps,
+        "tasks": n_tasks if composed else 0,
+        "time_agnostic": not base.time_conditioned,
+    }
 
 
 def main() -> None:
@@ -143,13 +151,17 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows[kind] = json.loads(out.strip().splitlines()[-1])
     ref = rows["base_cache"]
-    print(f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} steps={a.steps} "
-          f"tasks={a.tasks} device={a.device}")  # fmt: skip
+    print(
+        f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} steps={a.steps} "
+        f"tasks={a.tasks} device={a.device}"
+    )
     print(f"{'':17} {'s/call':>9} {'peak MB':>9} {'calls':>6} {'saved':>6} {'time x':>7}")
     for kind, r in rows.items():
         r["time_ratio"] = r["seconds"] / ref["seconds"]
-        print(f"{kind:17} {r['seconds']:9.4f} {r['peak_mb']:9.1f} {r['network_calls']:6d} "
-              f"{r['calls_saved']:6d} {r['time_ratio']:7.2f}")  # fmt: skip
+        print(
+            f"{kind:17} {r['seconds']:9.4f} {r['peak_mb']:9.1f} {r['network_calls']:6d} "
+            f"{r['calls_saved']:6d} {r['time_ratio']:7.2f}"
+        )
     if a.json:
         print(json.dumps(rows))
 

@@ -127,8 +127,19 @@ def mixed_requests(n: int, tasks: list[str], rng: random.Random) -> list[tuple[s
 
 def single_requests(n: int, task: str, rng: random.Random) -> list[tuple[str, dict]]:
     """Raw prompts, 4 new tokens in 4 steps, all for `task`'s adaptor."""
-    return [("/v1/generate", {"prompt": rng.choice(TEXTS), "max_new_tokens": 4, "steps": 4,
-                              "weights": {task: 1.0}, "seed": i}) for i in range(n)]  # fmt: skip
+    return [
+        (
+            "/v1/generate",
+            {
+                "prompt": rng.choice(TEXTS),
+                "max_new_tokens": 4,
+                "steps": 4,
+                "weights": {task: 1.0},
+                "seed": i,
+            },
+        )
+        for i in range(n)
+    ]
 
 
 def mixed_generate(n: int, tasks: list[str], rng: random.Random) -> list[tuple[str, dict]]:
@@ -195,8 +206,15 @@ def deploy(store: str, root: Path, max_batch_size: int, port: int, wait: float):
     from serve_apps.app import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"tracking_uri": store, "router": str(root / "router"), "poll_seconds": 0,
-                     "max_batch_size": max_batch_size, "batch_wait_timeout_s": wait})  # fmt: skip
+    app = build_app(
+        {
+            "tracking_uri": store,
+            "router": str(root / "router"),
+            "poll_seconds": 0,
+            "max_batch_size": max_batch_size,
+            "batch_wait_timeout_s": wait,
+        }
+    )
     serve.run(app, name="lora-diffusion", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
@@ -262,17 +280,23 @@ def main(argv=None) -> dict:
     pairs = [f"{n}_{i}" for i in range(a.repeats) for n in ("single_task", "mixed_task")]
     for k in ["load", *pairs, "batch_1"]:
         r = results[k]
-        print(f"| {k} | {r['requests']} | {r['throughput_rps']} | {r['p50_ms']} | "
-              f"{r['p99_ms']} | {r['errors']} | {r['mean_batch']} |")  # fmt: skip
+        print(
+            f"| {k} | {r['requests']} | {r['throughput_rps']} | {r['p50_ms']} | "
+            f"{r['p99_ms']} | {r['errors']} | {r['mean_batch']} |"
+        )
     r = results["ratios"]
-    print(f"\nmixed-task / single-task throughput: {r['mixed_over_single_task']} (mean "
-          f"{r['mixed_over_single_task_mean']} +- {r['mixed_over_single_task_sem']} (std. error), "
-          f"spread {r['mixed_over_single_task_spread']}; "
-          f"target >= 0.9); batched / batch size 1: {r['batched_over_batch_1']}")  # fmt: skip
+    print(
+        f"\nmixed-task / single-task throughput: {r['mixed_over_single_task']} (mean "
+        f"{r['mixed_over_single_task_mean']} +- {r['mixed_over_single_task_sem']} (std. error), "
+        f"spread {r['mixed_over_single_task_spread']}; "
+        f"target >= 0.9); batched / batch size 1: {r['batched_over_batch_1']}"
+    )
     big = results["largest"]
-    print(f"largest allowed request: {big['largest_s']} s (cost {big['cost']}); a small "
-          f"classify sent meanwhile: {big['small_s']} s; the old largest: HTTP "
-          f"{big['old_largest_status']}")  # fmt: skip
+    print(
+        f"largest allowed request: {big['largest_s']} s (cost {big['cost']}); a small "
+        f"classify sent meanwhile: {big['small_s']} s; the old largest: HTTP "
+        f"{big['old_largest_status']}"
+    )
     if a.output:
         Path(a.output).write_text(json.dumps(results, indent=2))
     return results
@@ -291,8 +315,12 @@ async def largest(url: str, concurrency: int) -> dict:
     tokens = s.max_input_tokens + s.max_new_tokens + 3
     steps = min(s.max_steps, s.max_request_cost // tokens)
     samples = max(1, min(s.max_samples, s.max_request_cost // (tokens * steps)))
-    body = {"prompt": prompt, "max_new_tokens": s.max_new_tokens, "steps": steps,
-            "num_samples": samples}  # fmt: skip
+    body = {
+        "prompt": prompt,
+        "max_new_tokens": s.max_new_tokens,
+        "steps": steps,
+        "num_samples": samples,
+    }
     async with httpx.AsyncClient(timeout=300) as client:
         while True:  # the words may tokenise longer than guessed: trim until it is accepted
             t0 = time.perf_counter()
@@ -309,10 +337,15 @@ async def largest(url: str, concurrency: int) -> dict:
         old = {**body, "steps": 256, "num_samples": 8}
         old_status = (await client.post(url + "/v1/generate", json=old)).status_code
     shown = {**body, "prompt": f"{len(body['prompt'])} chars"}
-    return {"largest_status": r.status_code, "largest_s": round(big_s, 2),
-            "cost": samples * steps * tokens, "body": shown,
-            "small_status": small.status_code, "small_s": round(small_s, 2),
-            "old_largest_status": old_status}  # fmt: skip
+    return {
+        "largest_status": r.status_code,
+        "largest_s": round(big_s, 2),
+        "cost": samples * steps * tokens,
+        "body": shown,
+        "small_status": small.status_code,
+        "small_s": round(small_s, 2),
+        "old_largest_status": old_status,
+    }
 
 
 if __name__ == "__main__":

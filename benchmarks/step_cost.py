@@ -36,8 +36,11 @@ def task_batch(vocab: int, batch: int, seq: int, target: int, device: str) -> di
     ids[attn == 0] = 0
     tmask = torch.zeros(batch, seq, dtype=torch.bool)
     tmask[:, length - target : length] = True
-    return {"input_ids": ids.to(device), "attention_mask": attn.to(device),
-            "target_mask": tmask.to(device)}  # fmt: skip
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": attn.to(device),
+        "target_mask": tmask.to(device),
+    }
 
 
 def make_step(method: str, preset: str, a: argparse.Namespace, device: str):
@@ -86,10 +89,14 @@ def measure(preset: str, methods: list[str], a: argparse.Namespace, device: str)
             if k >= a.warmup:
                 times[m].append(time.perf_counter() - t0)
     return [
-        {"preset": preset, "method": m, "seconds": statistics.median(times[m]),
-         "trainable": steps[m][1]}
+        {
+            "preset": preset,
+            "method": m,
+            "seconds": statistics.median(times[m]),
+            "trainable": steps[m][1],
+        }
         for m in methods
-    ]  # fmt: skip
+    ]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -122,13 +129,17 @@ def main(argv=None) -> list[dict]:
     unit = {r["preset"]: r["seconds"] for r in rows if r["method"] == "full"}
     for r in rows:
         r["x_full"] = r["seconds"] / unit[r["preset"]] if r["preset"] in unit else None
-    print(f"device={device} batch={a.batch_size} seq={a.seq_len} target={a.target_len} "
-          f"precision={a.precision} reps={a.reps}")  # fmt: skip
+    print(
+        f"device={device} batch={a.batch_size} seq={a.seq_len} target={a.target_len} "
+        f"precision={a.precision} reps={a.reps}"
+    )
     print(f"{'preset':12} {'method':15} {'trainable':>11} {'ms/step':>9} {'x full FT':>9}")
     for r in rows:
         ratio = "" if r["x_full"] is None else f"{r['x_full']:9.2f}"
-        print(f"{r['preset']:12} {r['method']:15} {r['trainable']:11d} "
-              f"{1000 * r['seconds']:9.1f} {ratio}")  # fmt: skip
+        print(
+            f"{r['preset']:12} {r['method']:15} {r['trainable']:11d} "
+            f"{1000 * r['seconds']:9.1f} {ratio}"
+        )
     if a.json:
         meta = {"device": device, **{k: v for k, v in vars(a).items() if k != "json"}}
         with open(a.json, "w") as f:

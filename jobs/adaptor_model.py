@@ -81,8 +81,9 @@ def predict_labels(denoiser, tok, task: str, texts: list[str], seed: int = 0) ->
     sched = get_schedule(getattr(config, "noise_schedule", None) or "loglinear")
     g = torch.Generator().manual_seed(seed)
     target = batch["target_mask"]
-    out = sample(denoiser, proc, sched, batch["input_ids"], batch["attention_mask"], target,
-                 length, g)  # fmt: skip
+    out = sample(
+        denoiser, proc, sched, batch["input_ids"], batch["attention_mask"], target, length, g
+    )
     return [decode_target(tok, ids[m]) for ids, m in zip(out.tokens, target, strict=True)]
 
 

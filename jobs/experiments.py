@@ -266,14 +266,16 @@ def stage_tasks(r: Runner) -> None:
     argv = ["--base", a.base, "--tasks", ",".join(dirs), *adaptors, "--router-only",
             "--output-dir", str(mt_out), "--max-steps", str(a.max_steps), "--no-progress",
             *data]  # fmt: skip
-    result = r.job("tasks: router over the task adaptors", multitask.main, argv,
-                   mt_out / "metrics.json")  # fmt: skip
+    result = r.job(
+        "tasks: router over the task adaptors", multitask.main, argv, mt_out / "metrics.json"
+    )
     if r.ran():
         log_result(r, "router composition", "multitask", result, mt_out / "metrics.json")
     fig = r.out / "tasks" / "perturbations_tsne.png"
     done = r.out / "tasks" / "tsne.json"
-    result = r.job("tasks: t-SNE of trajectory perturbations", lambda _: tsne(r, dirs, fig),
-                   [], done)  # fmt: skip
+    result = r.job(
+        "tasks: t-SNE of trajectory perturbations", lambda _: tsne(r, dirs, fig), [], done
+    )
     if r.ran():
         done.write_text(json.dumps(result, indent=2))
         log_result(r, "trajectory perturbations", "analysis", result, done, [fig])
@@ -286,8 +288,9 @@ def tsne(r: Runner, dirs: dict, fig: Path) -> dict:
 
     base, tok = load_base(r.a.base)
     model = AdaptedDenoiser.from_pretrained(base, dict(dirs))
-    return perturbation_map(model, tok, list(dirs), fig, per_task=r.a.tsne_per_task,
-                            data_dir=r.a.data_dir)  # fmt: skip
+    return perturbation_map(
+        model, tok, list(dirs), fig, per_task=r.a.tsne_per_task, data_dir=r.a.data_dir
+    )
 
 
 def log_result(r: Runner, name: str, kind: str, result: dict, file: Path, figures=()) -> None:
@@ -340,22 +343,34 @@ def main(argv=None) -> dict:
         made_by.parent.mkdir(parents=True, exist_ok=True)
         made_by.write_text(command + "\n")
     r = Runner(a, made_by.read_text().strip() if made_by.is_file() else command)
-    print(f"experiments: stages {', '.join(a.stages)} on {a.base}; MLflow {uri} "
-          f"experiment {a.experiment}", flush=True)  # fmt: skip
-    stages = {"methods": stage_methods, "data_size": stage_data_size,
-              "ablations": stage_ablations, "tasks": stage_tasks,
-              "bases": stage_bases, "report": stage_report}  # fmt: skip
+    print(
+        f"experiments: stages {', '.join(a.stages)} on {a.base}; MLflow {uri} "
+        f"experiment {a.experiment}",
+        flush=True,
+    )
+    stages = {
+        "methods": stage_methods,
+        "data_size": stage_data_size,
+        "ablations": stage_ablations,
+        "tasks": stage_tasks,
+        "bases": stage_bases,
+        "report": stage_report,
+    }
     for stage in a.stages:
         stages[stage](r)
     failed = [x for x in r.results if x["status"] == "failed"]
-    result = {"jobs": r.results, "failed": len(failed),
-              "minutes": round((time.time() - r.started) / 60, 1)}  # fmt: skip
+    result = {
+        "jobs": r.results,
+        "failed": len(failed),
+        "minutes": round((time.time() - r.started) / 60, 1),
+    }
     r.out.mkdir(parents=True, exist_ok=True)
     (r.out / "experiments.json").write_text(json.dumps(result, indent=2, default=str))
     emit(result, a.json)
     if failed:
-        print(f"{len(failed)} job(s) failed: " + ", ".join(x["job"] for x in failed),
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{len(failed)} job(s) failed: " + ", ".join(x["job"] for x in failed), file=sys.stderr
+        )
         raise SystemExit(1)
     return result
 

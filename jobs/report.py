@@ -102,9 +102,13 @@ def search_all(client, experiment_ids: list[str], filter_string: str) -> list:
     """Every active run of the experiments matching the filter, page by page, oldest first."""
     runs, token = [], None
     while True:
-        page = client.search_runs(experiment_ids, filter_string, max_results=1000,
-                                  order_by=["attributes.start_time ASC"],
-                                  page_token=token)  # fmt: skip
+        page = client.search_runs(
+            experiment_ids,
+            filter_string,
+            max_results=1000,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
         runs += list(page)
         token = page.token
         if not token:
@@ -114,8 +118,13 @@ def search_all(client, experiment_ids: list[str], filter_string: str) -> list:
 def is_training_run(run) -> bool:
     """A finished jobs/train.py run: task and method tags, no sweep parent, no other kind."""
     tags = run.data.tags
-    return (run.info.status == "FINISHED" and "task" in tags and "method" in tags
-            and PARENT_TAG not in tags and tags.get("kind") not in NOT_TRAINING)  # fmt: skip
+    return (
+        run.info.status == "FINISHED"
+        and "task" in tags
+        and "method" in tags
+        and PARENT_TAG not in tags
+        and tags.get("kind") not in NOT_TRAINING
+    )
 
 
 def loss_history(client, run) -> list[tuple[int, float]]:
@@ -187,8 +196,15 @@ def grouped_table(groups, values, columns, extra: dict | None = None) -> list[st
     for key, runs in groups.items():
         vals = [values[r.info.run_id] for r in runs]
         seeds = ", ".join(sorted((seed_of(r) for r in runs), key=_order))  # repeats kept
-        rows.append([*key, str(len(runs)), seeds, *(cell(vals, *c[1:]) for c in columns),
-                     *(col[key] for col in extra.values())])  # fmt: skip
+        rows.append(
+            [
+                *key,
+                str(len(runs)),
+                seeds,
+                *(cell(vals, *c[1:]) for c in columns),
+                *(col[key] for col in extra.values()),
+            ]
+        )
     return markdown(["task", "method", "n", "seeds", *(c[0] for c in columns), *extra], rows)
 
 
@@ -273,22 +289,34 @@ def sweep_section(parent, children, experiments, command) -> list[str]:
     rows = []
     for c in sorted(children, key=lambda c: [_order(c.data.params.get(k, "")) for k in keys]):
         m = c.data.metrics
-        rows.append([c.data.params.get(k, ABSENT) for k in keys] + [
-            cell([m], "eval_accuracy_scoring", 100, "{:.1f}"),
-            cell([m], "eval_gold_loss", 1, "{:.4f}"),
-            cell([m], "trainable_params", 1, "{:,.0f}"),
-            c.info.status.lower(), run_ref(c),
-        ])  # fmt: skip
+        rows.append(
+            [c.data.params.get(k, ABSENT) for k in keys]
+            + [
+                cell([m], "eval_accuracy_scoring", 100, "{:.1f}"),
+                cell([m], "eval_gold_loss", 1, "{:.4f}"),
+                cell([m], "trainable_params", 1, "{:,.0f}"),
+                c.info.status.lower(),
+                run_ref(c),
+            ]
+        )
     name = parent.data.tags.get("sweep", parent.info.run_name)
     p = parent.data.params
     return [
         f"### Sweep `{name}` (task {p.get('task', ABSENT)}, method {p.get('method', ABSENT)})",
-        "", "Score: candidate-scoring accuracy (`eval_accuracy_scoring`, the last logged value: "
-        "stopped trials show their last evaluation).", "", *markdown(header, rows), "",
+        "",
+        "Score: candidate-scoring accuracy (`eval_accuracy_scoring`, the last logged value: "
+        "stopped trials show their last evaluation).",
+        "",
+        *markdown(header, rows),
+        "",
         f"Made from sweep run {run_ref(parent)} and its {len(children)} child runs (the run "
-        f"column), experiment {experiments.get(parent.info.experiment_id, ABSENT)}.", "",
-        f"Rebuild: `{command}`", "", f"![sweep {name}](figures/{sweep_figure(name)})", "",
-    ]  # fmt: skip
+        f"column), experiment {experiments.get(parent.info.experiment_id, ABSENT)}.",
+        "",
+        f"Rebuild: `{command}`",
+        "",
+        f"![sweep {name}](figures/{sweep_figure(name)})",
+        "",
+    ]
 
 
 def sweep_figure(name: str) -> str:
@@ -310,8 +338,13 @@ def plot_loss_curves(groups, histories, path: Path) -> Path:
             with_loss = [r for r in groups.get((task, method), []) if histories[r.info.run_id]]
             for i, r in enumerate(with_loss):
                 steps, losses = zip(*histories[r.info.run_id], strict=True)
-                ax.plot(steps, losses, color=f"C{methods.index(method) % 10}", alpha=0.8,
-                        label=method if i == 0 else None)  # fmt: skip
+                ax.plot(
+                    steps,
+                    losses,
+                    color=f"C{methods.index(method) % 10}",
+                    alpha=0.8,
+                    label=method if i == 0 else None,
+                )
         ax.set(xlabel="step", ylabel="loss", title=f"{task}: training loss")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -324,9 +357,11 @@ def plot_score_vs_params(groups, values, path: Path) -> Path:
 
     fig, ax = pyplot().subplots(figsize=(6, 4))
     for (task, method), runs in groups.items():
-        pts = [(v["trainable_params"], 100 * v["eval_accuracy_scoring"])
-               for v in (values[r.info.run_id] for r in runs)
-               if "trainable_params" in v and "eval_accuracy_scoring" in v]  # fmt: skip
+        pts = [
+            (v["trainable_params"], 100 * v["eval_accuracy_scoring"])
+            for v in (values[r.info.run_id] for r in runs)
+            if "trainable_params" in v and "eval_accuracy_scoring" in v
+        ]
         if pts:
             ax.scatter(*zip(*pts, strict=True), label=f"{task} / {method}")
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="scoring accuracy (%)")
@@ -351,8 +386,9 @@ def plot_sweep(name: str, children, path: Path) -> Path:
         if any(x is None for x in xs):  # categorical: one tick per distinct value
             labels = sorted(set(values), key=_order)
             xs = [labels.index(v) for v in values]
-            ax.set_xticks(range(len(labels)), [_short(v) for v in labels], rotation=25,
-                          ha="right", fontsize=7)  # fmt: skip
+            ax.set_xticks(
+                range(len(labels)), [_short(v) for v in labels], rotation=25, ha="right", fontsize=7
+            )
         ax.scatter(xs, ys, c=colors)
         ax.set(xlabel=key.removeprefix("sweep."), ylabel="scoring accuracy (%)")
         ax.grid(alpha=0.3)
@@ -406,25 +442,38 @@ def training_sections(client, runs, experiments, command, figures: Path) -> tupl
     runs = [r for rs in groups.values() for r in rs]
     histories = {r.info.run_id: loss_history(client, r) for r in runs}
     values = {r.info.run_id: run_values(r, histories[r.info.run_id]) for r in runs}
-    made = [plot_loss_curves(groups, histories, figures / "loss_curves.png"),
-            plot_score_vs_params(groups, values, figures / "score_vs_params.png")]  # fmt: skip
+    made = [
+        plot_loss_curves(groups, histories, figures / "loss_curves.png"),
+        plot_score_vs_params(groups, values, figures / "score_vs_params.png"),
+    ]
     ranks = effective_ranks(client, groups)
     if ranks:
         made.append(plot_effective_ranks(ranks, figures / "effective_rank_by_phase.png"))
     prov = ["", *provenance(groups, experiments, command)]
     links = ["", *(f"![{p.stem}](figures/{p.name})" for p in made)]
-    tables = (grouped_table(groups, values, METHOD_COLUMNS, vs_full(groups, values)),
-              grouped_table(groups, values, EFFICIENCY_COLUMNS),
-              grouped_table(groups, values, CONVERGENCE_COLUMNS))  # fmt: skip
+    tables = (
+        grouped_table(groups, values, METHOD_COLUMNS, vs_full(groups, values)),
+        grouped_table(groups, values, EFFICIENCY_COLUMNS),
+        grouped_table(groups, values, CONVERGENCE_COLUMNS),
+    )
     lines = []
     for title, table in zip(titles, tables, strict=True):
         lines += section(title, table + prov + (links if title == titles[-1] else []))
-    lines += section("Against the paper", [
-        "What the paper reports, next to what these runs measured on this project's base "
-        "(a base this small is far weaker than the paper's; where the two differ, the runs "
-        "above are the record):", "", *paper_table(groups, values)])  # fmt: skip
-    lines += section("Effective rank by phase", effective_rank_table(ranks),
-                     "no LoRA-Diffusion run with an adaptor_report.json artifact")  # fmt: skip
+    lines += section(
+        "Against the paper",
+        [
+            "What the paper reports, next to what these runs measured on this project's base "
+            "(a base this small is far weaker than the paper's; where the two differ, the runs "
+            "above are the record):",
+            "",
+            *paper_table(groups, values),
+        ],
+    )
+    lines += section(
+        "Effective rank by phase",
+        effective_rank_table(ranks),
+        "no LoRA-Diffusion run with an adaptor_report.json artifact",
+    )
     return lines, made
 
 
@@ -452,17 +501,27 @@ def effective_ranks(client, groups) -> dict:
 def effective_rank_table(ranks: dict) -> list[str]:
     if not ranks:
         return []
-    rows = [[task, str(phase), str(rank), f"{sigma:g}", str(len(xs)),
-             cell([{"x": x} for x in xs], "x", 1, "{:.2f}")]
-            for (task, phase, rank, sigma), xs in ranks.items()]  # fmt: skip
+    rows = [
+        [
+            task,
+            str(phase),
+            str(rank),
+            f"{sigma:g}",
+            str(len(xs)),
+            cell([{"x": x} for x in xs], "x", 1, "{:.2f}"),
+        ]
+        for (task, phase, rank, sigma), xs in ranks.items()
+    ]
     return [
         "Effective rank (exp of the entropy of the normalised singular values, the paper's "
         "definition) of each module's up-projection W_A, mean ± std over the modules of the "
         "phase in every LoRA-Diffusion run of the method comparison (phase 0: the earliest, "
-        "noisiest steps).", "", *markdown(["task", "phase", "rank", "sigma", "modules",
-                                           "effective rank"], rows), "",
+        "noisiest steps).",
+        "",
+        *markdown(["task", "phase", "rank", "sigma", "modules", "effective rank"], rows),
+        "",
         "![effective rank by phase](figures/effective_rank_by_phase.png)",
-    ]  # fmt: skip
+    ]
 
 
 def plot_effective_ranks(ranks: dict, path: Path) -> Path:
@@ -476,8 +535,12 @@ def plot_effective_ranks(ranks: dict, path: Path) -> Path:
         ys = [statistics.fmean(ranks[k]) for k in keys]
         ax.plot(xs, ys, "o-", color=f"C{i}", label=f"{task}: mean effective rank")
         ax.plot(xs, [k[2] for k in keys], "x--", color=f"C{i}", alpha=0.5, label=f"{task}: rank")
-    ax.set(xlabel="phase (0 = early, noisy t)", ylabel="rank", yscale="log",
-           title="effective rank of W_A across diffusion phases")  # fmt: skip
+    ax.set(
+        xlabel="phase (0 = early, noisy t)",
+        ylabel="rank",
+        yscale="log",
+        title="effective rank of W_A across diffusion phases",
+    )
     ax.set_xticks(sorted({k[1] for k in ranks}))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -496,26 +559,49 @@ def data_size_sections(client, runs, experiments, command, figures: Path) -> tup
         return section(title, [], "no runs tagged study=data_size"), []
     groups = dict(sorted(groups.items()))
     values = {r.info.run_id: run_values(r, []) for rs in groups.values() for r in rs}
-    rows = [[method, f"{n:,}", str(len(rs)), cell([values[r.info.run_id] for r in rs],
-             "eval_accuracy_scoring", 100, "{:.1f}"), cell([values[r.info.run_id] for r in rs],
-             "eval_accuracy", 100, "{:.1f}"), ", ".join(run_ref(r) for r in rs)]
-            for (method, n), rs in groups.items()]  # fmt: skip
+    rows = [
+        [
+            method,
+            f"{n:,}",
+            str(len(rs)),
+            cell([values[r.info.run_id] for r in rs], "eval_accuracy_scoring", 100, "{:.1f}"),
+            cell([values[r.info.run_id] for r in rs], "eval_accuracy", 100, "{:.1f}"),
+            ", ".join(run_ref(r) for r in rs),
+        ]
+        for (method, n), rs in groups.items()
+    ]
     from lora_diffusion.plots import pyplot, save_figure
 
     fig, ax = pyplot().subplots(figsize=(6, 4))
     for i, method in enumerate(sorted({m for m, _ in groups})):
-        pts = [(n, 100 * statistics.fmean(v)) for (m, n), rs in groups.items() if m == method
-               for v in [[values[r.info.run_id]["eval_accuracy_scoring"] for r in rs
-                          if "eval_accuracy_scoring" in values[r.info.run_id]]] if v]  # fmt: skip
+        pts = [
+            (n, 100 * statistics.fmean(v))
+            for (m, n), rs in groups.items()
+            if m == method
+            for v in [
+                [
+                    values[r.info.run_id]["eval_accuracy_scoring"]
+                    for r in rs
+                    if "eval_accuracy_scoring" in values[r.info.run_id]
+                ]
+            ]
+            if v
+        ]
         if pts:
             ax.plot(*zip(*pts, strict=True), "o-", color=f"C{i}", label=method)
     ax.set(xscale="log", xlabel="training examples", ylabel="scoring accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
     made = [save_figure(fig, figures / "accuracy_vs_data_size.png")]
-    body = [*markdown(["method", "train examples", "n", "scoring acc. (%)", "gen. acc. (%)",
-                       "runs"], rows), "", f"Rebuild: `{command}`", "",
-            "![accuracy vs data size](figures/accuracy_vs_data_size.png)"]  # fmt: skip
+    body = [
+        *markdown(
+            ["method", "train examples", "n", "scoring acc. (%)", "gen. acc. (%)", "runs"], rows
+        ),
+        "",
+        f"Rebuild: `{command}`",
+        "",
+        "![accuracy vs data size](figures/accuracy_vs_data_size.png)",
+    ]
     return section(title, body), made
 
 
@@ -540,12 +626,20 @@ def base_size_sections(client, runs, experiments, command, figures: Path) -> tup
 
     size = {key: base_params(rs) for key, rs in groups.items()}
     order = sorted(groups, key=lambda k: (size[k], k))
-    rows = [[base, ABSENT if math.isinf(size[(base, m)]) else f"{size[(base, m)]:,.0f}", m,
-             str(len(groups[(base, m)])),
-             *(cell([values[r.info.run_id] for r in groups[(base, m)]], *col[1:])
-               for col in BASE_COLUMNS),
-             ", ".join(run_ref(r) for r in groups[(base, m)])]
-            for base, m in order]  # fmt: skip
+    rows = [
+        [
+            base,
+            ABSENT if math.isinf(size[(base, m)]) else f"{size[(base, m)]:,.0f}",
+            m,
+            str(len(groups[(base, m)])),
+            *(
+                cell([values[r.info.run_id] for r in groups[(base, m)]], *col[1:])
+                for col in BASE_COLUMNS
+            ),
+            ", ".join(run_ref(r) for r in groups[(base, m)]),
+        ]
+        for base, m in order
+    ]
     header = ["base", "base params", "method", "n", *(c[0] for c in BASE_COLUMNS), "runs"]
     return section(title, [*markdown(header, rows), "", f"Rebuild: `{command}`"]), []
 
@@ -570,10 +664,17 @@ def multitask_sections(client, runs, experiments, command, figures: Path) -> tup
         for r in (r for r in runs if r.data.tags.get("kind") == kind):
             m = r.data.metrics
             prefix = key.split("{t}")[0]
-            tasks = sorted({k[len(prefix):].split(".")[0] for k in m
-                            if k.startswith(prefix) and "." in k[len(prefix):]})  # fmt: skip
-            rows = [[t, *(cell([m], key.format(t=t, k=k), 100, "{:.1f}") for k in columns)]
-                    for t in tasks]  # fmt: skip
+            tasks = sorted(
+                {
+                    k[len(prefix) :].split(".")[0]
+                    for k in m
+                    if k.startswith(prefix) and "." in k[len(prefix) :]
+                }
+            )
+            rows = [
+                [t, *(cell([m], key.format(t=t, k=k), 100, "{:.1f}") for k in columns)]
+                for t in tasks
+            ]
             body += [f"{title} ({run_ref(r)}):", "", *markdown(["task", *headers], rows), ""]
     for r in (r for r in runs if r.data.tags.get("kind") == "analysis"):
         m = r.data.metrics
@@ -587,11 +688,14 @@ def multitask_sections(client, runs, experiments, command, figures: Path) -> tup
             target.write_bytes(f.read_bytes())
             made.append(target)
             body += [f"![{f.stem}](figures/{f.name})", ""]
-        body += [f"Trajectory perturbations of each task's adaptor ({run_ref(r)}): "
-                 f"{cell([m], 'points', 1, '{:.0f}')} points; silhouette of the tasks "
-                 f"{cell([m], 'silhouette', 1, '{:.3f}')} in the hidden space, "
-                 f"{cell([m], 'silhouette_2d', 1, '{:.3f}')} in the t-SNE plane (-1..1; 0: "
-                 "the tasks' perturbations overlap).", ""]  # fmt: skip
+        body += [
+            f"Trajectory perturbations of each task's adaptor ({run_ref(r)}): "
+            f"{cell([m], 'points', 1, '{:.0f}')} points; silhouette of the tasks "
+            f"{cell([m], 'silhouette', 1, '{:.3f}')} in the hidden space, "
+            f"{cell([m], 'silhouette_2d', 1, '{:.3f}')} in the t-SNE plane (-1..1; 0: "
+            "the tasks' perturbations overlap).",
+            "",
+        ]
     if body:
         body += [f"Rebuild: `{command}`"]
     return section(
@@ -609,20 +713,30 @@ def sweep_sections(client, runs, experiments, command, figures: Path) -> tuple[l
     return section("Sweeps", body, "no runs with nested child runs"), made
 
 
-def build_report(client, experiments: dict, runs: list, command: str, out: Path,
-                 made_by: str = "") -> list[Path]:  # fmt: skip
+def build_report(
+    client, experiments: dict, runs: list, command: str, out: Path, made_by: str = ""
+) -> list[Path]:
     """Write RESULTS.md and figures/ under `out`; returns the files written."""
     lines = [
-        "# Results", "", *([f"Runs made by `{made_by}`.", ""] if made_by else []),
+        "# Results",
+        "",
+        *([f"Runs made by `{made_by}`.", ""] if made_by else []),
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from MLflow experiments "
         f"{', '.join(f'`{e}`' for e in experiments.values())} ({len(runs)} runs read). "
-        f"Rebuild: `{command}`", "",
+        f"Rebuild: `{command}`",
+        "",
         "Cells are means over a row's runs ± their sample std (no ± : every run had the same "
-        f"value); (k/n): only k of the n runs logged it; {ABSENT}: not logged.", "",
-    ]  # fmt: skip
+        f"value); (k/n): only k of the n runs logged it; {ABSENT}: not logged.",
+        "",
+    ]
     made = []
-    sections = (training_sections, data_size_sections, sweep_sections, base_size_sections,
-                multitask_sections)  # fmt: skip
+    sections = (
+        training_sections,
+        data_size_sections,
+        sweep_sections,
+        base_size_sections,
+        multitask_sections,
+    )
     for make in sections:
         body, figs = make(client, runs, experiments, command, out / "figures")
         lines, made = lines + body, made + figs
@@ -664,8 +778,11 @@ def main(argv=None) -> dict:
         runs = search_all(client, list(experiments), a.runs_filter)
         runs = [r for r in runs if r.data.tags.get("kind") != "report"]
         files = build_report(client, experiments, runs, command, Path(a.output_dir), a.made_by)
-        result = {"results": str(files[0]), "figures": [str(f) for f in files[1:]],
-                  "runs": len(runs)}  # fmt: skip
+        result = {
+            "results": str(files[0]),
+            "figures": [str(f) for f in files[1:]],
+            "runs": len(runs),
+        }
         if not a.no_log:
             first = next(iter(experiments.values()))
             result["mlflow_run_id"] = log_report(uri, first, files, command)

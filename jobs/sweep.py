@@ -107,9 +107,12 @@ def validate_space(space: dict, cfg: FinetuneConfig, hidden_size: int) -> None:
         elif kind == "value":
             candidates[key] = [values]
         else:
-            if not (isinstance(values, list) and len(values) == 2
-                    and all(isinstance(v, int | float) for v in values)
-                    and values[0] < values[1]):  # fmt: skip
+            if not (
+                isinstance(values, list)
+                and len(values) == 2
+                and all(isinstance(v, int | float) for v in values)
+                and values[0] < values[1]
+            ):
                 fail(f"search space: param {key!r}: {kind} needs [low, high] with low < high")
             if kind == "loguniform" and values[0] <= 0:
                 fail(f"search space: param {key!r}: loguniform needs low > 0")
@@ -203,8 +206,15 @@ def trial(params: dict, base_cfg: FinetuneConfig, sweep: dict) -> None:
         logger.log_run_files(result, out_dir, dirs=("plots", "adaptor"))
         status = "FINISHED"
         final = {**last_eval, **_scalars(result)}  # the final eval on the same examples wins
-        tune.report({**final, "step": result["steps"], "trial_finished": True,
-                     "mlflow_run_id": logger.run_id, "trial_dir": out_dir})  # fmt: skip
+        tune.report(
+            {
+                **final,
+                "step": result["steps"],
+                "trial_finished": True,
+                "mlflow_run_id": logger.run_id,
+                "trial_dir": out_dir,
+            }
+        )
     finally:
         logger.end(status)  # KILLED: stopped early (ASHA) or failed
 
@@ -310,14 +320,23 @@ def main(argv=None) -> dict:
     name = a.name or space["name"]
     mode = a.mode or space.get("mode", "max")
     base_cfg = FinetuneConfig(
-        base=a.base, output_dir=a.output_dir, task=a.task, method=a.method, data_dir=a.data_dir,
-        train_limit=a.train_limit, eval_limit=a.eval_limit, holdout=a.holdout,
-    )  # fmt: skip
+        base=a.base,
+        output_dir=a.output_dir,
+        task=a.task,
+        method=a.method,
+        data_dir=a.data_dir,
+        train_limit=a.train_limit,
+        eval_limit=a.eval_limit,
+        holdout=a.holdout,
+    )
     train = dataclasses.replace(
-        base_cfg.train, lr=METHODS.get(a.method).default_lr, batch_size=a.batch_size,
-        eval_every=a.eval_every, seed=a.seed,
+        base_cfg.train,
+        lr=METHODS.get(a.method).default_lr,
+        batch_size=a.batch_size,
+        eval_every=a.eval_every,
+        seed=a.seed,
         **({"max_steps": a.max_steps} if a.max_steps else {}),
-    )  # fmt: skip
+    )
     try:
         base_cfg = apply_overrides(dataclasses.replace(base_cfg, train=train), a.overrides)
     except (KeyError, ValueError) as e:
@@ -364,14 +383,20 @@ def main(argv=None) -> dict:
     (out / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
     _plot(rows, a.metric, out / "score_vs_params.png", name)
     print(table)
-    summary = {"sweep": name, "trials": len(rows), "metric": a.metric,
-               "finished": sum(r["finished"] for r in rows),
-               "stopped_early": sum(not r["finished"] and r["error"] is None for r in rows),
-               "table": str(out / "table.md"), "seconds": time.perf_counter() - start}  # fmt: skip
+    summary = {
+        "sweep": name,
+        "trials": len(rows),
+        "metric": a.metric,
+        "finished": sum(r["finished"] for r in rows),
+        "stopped_early": sum(not r["finished"] and r["error"] is None for r in rows),
+        "table": str(out / "table.md"),
+        "seconds": time.perf_counter() - start,
+    }
     best = _best(rows, a.metric, mode)
     if best:
-        summary.update(best_trial=best["trial_id"], best_score=best["score"],
-                       best_params=best["params"])  # fmt: skip
+        summary.update(
+            best_trial=best["trial_id"], best_score=best["score"], best_params=best["params"]
+        )
     if parent:
         summary.update(_finish_parent(parent, out, best, a, name, base_cfg))
     emit(summary, a.json)
@@ -404,10 +429,14 @@ def _run_tuner(a, space, name, mode, base_cfg, concurrent, parent):
     if parent and parent.active:
         tracking = {"uri": parent.uri, "experiment": parent.experiment}
         tracking.update(parent_run_id=parent.run_id, sweep=name)
-    sweep = {"name": name, "output_dir": os.path.abspath(a.output_dir),
-             "cpus_per_trial": a.cpus_per_trial, "gpus_per_trial": a.gpus_per_trial,
-             "fixed": space.get("fixed") or {},
-             "tracking": tracking}  # fmt: skip
+    sweep = {
+        "name": name,
+        "output_dir": os.path.abspath(a.output_dir),
+        "cpus_per_trial": a.cpus_per_trial,
+        "gpus_per_trial": a.gpus_per_trial,
+        "fixed": space.get("fixed") or {},
+        "tracking": tracking,
+    }
     trainable = tune.with_resources(
         tune.with_parameters(trial, base_cfg=base_cfg, sweep=sweep),
         {"cpu": a.cpus_per_trial, "gpu": a.gpus_per_trial},
@@ -415,8 +444,7 @@ def _run_tuner(a, space, name, mode, base_cfg, concurrent, parent):
     run_dir = os.path.join(path, name)
     if not a.restart and tune.Tuner.can_restore(run_dir):
         print(f"resuming sweep {name} from {run_dir}", flush=True)
-        tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True,
-                                   resume_errored=True)  # fmt: skip
+        tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True, resume_errored=True)
         return tuner.fit()
     if a.restart:
         import shutil
@@ -425,12 +453,14 @@ def _run_tuner(a, space, name, mode, base_cfg, concurrent, parent):
     scheduler = None
     if a.scheduler == "asha":
         scheduler = ASHAScheduler(
-            time_attr="step", metric=_gold_loss(base_cfg), mode="min",
+            time_attr="step",
+            metric=_gold_loss(base_cfg),
+            mode="min",
             # max_t past the last step: the last evaluation is no stop, the final report follows
             max_t=base_cfg.train.max_steps + 1,
             grace_period=a.grace_period,
             reduction_factor=2,
-        )  # fmt: skip
+        )
     search_alg = None
     if a.search == "optuna":
         try:
@@ -441,10 +471,14 @@ def _run_tuner(a, space, name, mode, base_cfg, concurrent, parent):
     tuner = tune.Tuner(
         trainable,
         param_space=tune_space(space),
-        tune_config=tune.TuneConfig(num_samples=a.num_samples, scheduler=scheduler,
-                                    search_alg=search_alg, max_concurrent_trials=concurrent),
+        tune_config=tune.TuneConfig(
+            num_samples=a.num_samples,
+            scheduler=scheduler,
+            search_alg=search_alg,
+            max_concurrent_trials=concurrent,
+        ),
         run_config=tune.RunConfig(name=name, storage_path=path, verbose=1),
-    )  # fmt: skip
+    )
     return tuner.fit()
 
 
@@ -458,20 +492,24 @@ def _table_rows(results, space, metric, gold_loss) -> list[dict]:
     rows = []
     for r in results:
         m = r.metrics or {}
-        rows.append({
-            "trial_id": m.get("trial_id") or os.path.basename(r.path),
-            "params": {k: m.get("config", {}).get(k, r.config.get(k)) for k in space["params"]},
-            "score": m.get(metric),
-            "gold_loss": m.get(gold_loss),
-            "trainable_params": m.get("trainable_params"),
-            "trainable_pct": m.get("trainable_pct"),
-            "train_seconds": m.get("train_seconds"),
-            "steps": m.get("step"),
-            "finished": bool(m.get("trial_finished")),
-            "error": None if r.error is None else str(r.error)[:300],
-            "mlflow_run_id": m.get("mlflow_run_id"),
-            "adaptor_dir": os.path.join(m["trial_dir"], "adaptor") if m.get("trial_dir") else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial_id": m.get("trial_id") or os.path.basename(r.path),
+                "params": {k: m.get("config", {}).get(k, r.config.get(k)) for k in space["params"]},
+                "score": m.get(metric),
+                "gold_loss": m.get(gold_loss),
+                "trainable_params": m.get("trainable_params"),
+                "trainable_pct": m.get("trainable_pct"),
+                "train_seconds": m.get("train_seconds"),
+                "steps": m.get("step"),
+                "finished": bool(m.get("trial_finished")),
+                "error": None if r.error is None else str(r.error)[:300],
+                "mlflow_run_id": m.get("mlflow_run_id"),
+                "adaptor_dir": os.path.join(m["trial_dir"], "adaptor")
+                if m.get("trial_dir")
+                else None,
+            }
+        )
     return rows
 
 

@@ -10,9 +10,10 @@ nested trials, the experiments' analysis runs, the report. A `Tracker` is a job'
 job in the task's experiment (`lora-diffusion/<task>`), the flattened config as params, every
 `report(step, metrics)` of the training loop, final metrics, system tags and the run's files;
 `log_model` logs a pyfunc model (`jobs/adaptor_model.py`) and optionally registers it. Only
-rank 0 logs. `tracking_uri` is the one rule for which store a flag names (Serve uses it too). A server that is unreachable at start fails the job
-before training (exit 2); one that drops mid-run only costs the logging: the results are in
-OUTPUT_DIR already, and the job ends normally with a warning.
+rank 0 logs. `tracking_uri` is the one rule for which store a flag names (Serve uses it too).
+A server that is unreachable at start fails the job before training (exit 2); one that drops
+mid-run only costs the logging: the results are in OUTPUT_DIR already, and the job ends
+normally with a warning.
 """
 
 from __future__ import annotations
@@ -41,8 +42,15 @@ def add_tracking_flags(
     )  # fmt: skip
     g.add_argument("--experiment", default=None, help="experiment name (default: per task)")
     g.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
-    g.add_argument(register_flag, dest="register", nargs="?", const="", default=None,
-                   metavar="NAME", help=register_help)  # fmt: skip
+    g.add_argument(
+        register_flag,
+        dest="register",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME",
+        help=register_help,
+    )
     g.add_argument("--alias", default=None, help="with --register: set this alias on the version")
     g.add_argument("--tag", dest="tags", action="append", default=[], metavar="KEY=VALUE",
                    help="extra run tag, repeatable (e.g. study=data_size)")  # fmt: skip
@@ -123,14 +131,18 @@ def check_reachable(uri: str, timeout: int = 5) -> None:
         return
     from mlflow import MlflowClient
 
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-                                            "MLFLOW_HTTP_REQUEST_TIMEOUT")}  # fmt: skip
+    saved = {
+        k: os.environ.get(k)
+        for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    }
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout))
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:  # any transport or server error means: do not start training
-        fail(f"MLflow tracking server {uri} is unreachable ({str(e)[:200]}); start it, "
-             "pass another --tracking-uri, or --no-tracking")  # fmt: skip
+        fail(
+            f"MLflow tracking server {uri} is unreachable ({str(e)[:200]}); start it, "
+            "pass another --tracking-uri, or --no-tracking"
+        )
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -304,8 +316,14 @@ class Tracker(MlflowRun):
         self.log_params(flatten(dataclasses.asdict(cfg)))
         self.set_tags(tags)
 
-    def log_model(self, artifacts: dict[str, str], config: dict, name: str | None,
-                  tags: dict, alias: str | None = None) -> dict:  # fmt: skip
+    def log_model(
+        self,
+        artifacts: dict[str, str],
+        config: dict,
+        name: str | None,
+        tags: dict,
+        alias: str | None = None,
+    ) -> dict:
         """Log a pyfunc model of `artifacts` (base and/or adaptor folders); with `name`,
         register it with version `tags` (and `alias`). Returns the keys for the job's results."""
         info = self._guard("model", _log_pyfunc, self.uri, self.run_id, artifacts, config)
@@ -337,9 +355,14 @@ def _log_pyfunc(uri: str, run_id: str, artifacts: dict[str, str], config: dict):
     import torch
     import transformers
 
-    reqs = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-            f"transformers=={transformers.__version__}", "safetensors", "pandas",
-            "lora-diffusion"]  # fmt: skip
+    reqs = [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"transformers=={transformers.__version__}",
+        "safetensors",
+        "pandas",
+        "lora-diffusion",
+    ]
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         return mlflow.pyfunc.log_model(
@@ -400,8 +423,13 @@ def track_adaptor(tracker: Tracker, a, cfg, result: dict) -> dict:
     fingerprint = read_method_config(adaptor_dir).get("base_fingerprint")
     lineage = tracker._guard("lineage", find_base_version, fingerprint, a.base_model_name)
     base_name, base_version = lineage or (a.base_model_name, None)
-    tags = {"task": cfg.task, "method": cfg.method, "base_fingerprint": fingerprint,
-            "base_name": base_name, "base_version": base_version}  # fmt: skip
+    tags = {
+        "task": cfg.task,
+        "method": cfg.method,
+        "base_fingerprint": fingerprint,
+        "base_name": base_name,
+        "base_version": base_version,
+    }
     tracker.set_tags(tags)
     tags.update({k: v for k, v in result.items() if k.startswith("eval_") and _scalar(v)})
     artifacts = {"adaptor": adaptor_dir}
@@ -417,8 +445,15 @@ def track_adaptor(tracker: Tracker, a, cfg, result: dict) -> dict:
     return tracker.log_model(artifacts, config, name, tags, a.alias)
 
 
-def register_run_adaptor(uri: str, run_id: str, adaptor_dir: str, cfg, name: str,
-                         alias: str | None = None, extra_tags: dict | None = None):  # fmt: skip
+def register_run_adaptor(
+    uri: str,
+    run_id: str,
+    adaptor_dir: str,
+    cfg,
+    name: str,
+    alias: str | None = None,
+    extra_tags: dict | None = None,
+):
     """Log `adaptor_dir` (with a copy of the base folder) as a pyfunc model on an existing run
     (a sweep's best trial) and register it as a new version of `name`, tagged like
     `track_adaptor`'s versions, with `alias`."""
@@ -429,8 +464,14 @@ def register_run_adaptor(uri: str, run_id: str, adaptor_dir: str, cfg, name: str
     mlflow.set_tracking_uri(uri)  # find_base_version and register read it
     fingerprint = read_method_config(adaptor_dir).get("base_fingerprint")
     base_name, base_version = find_base_version(fingerprint)
-    tags = {"task": cfg.task, "method": cfg.method, "base_fingerprint": fingerprint,
-            "base_name": base_name, "base_version": base_version, **(extra_tags or {})}  # fmt: skip
+    tags = {
+        "task": cfg.task,
+        "method": cfg.method,
+        "base_fingerprint": fingerprint,
+        "base_name": base_name,
+        "base_version": base_version,
+        **(extra_tags or {}),
+    }
     artifacts = {"adaptor": str(adaptor_dir)}
     if Path(cfg.base).is_dir():
         artifacts["base"] = str(Path(cfg.base).resolve())
@@ -449,8 +490,12 @@ def track_base(tracker: Tracker, a, cfg, result: dict) -> dict:
 
     tracker.log_run_files(result, cfg.output_dir)
     model_dir = str(Path(result["model_dir"]).resolve())
-    tags = {"kind": "base", "base_fingerprint": base_fingerprint(load_base(model_dir)[0]),
-            "preset": cfg.preset, "heldout_loss": result.get("heldout_loss")}  # fmt: skip
+    tags = {
+        "kind": "base",
+        "base_fingerprint": base_fingerprint(load_base(model_dir)[0]),
+        "preset": cfg.preset,
+        "heldout_loss": result.get("heldout_loss"),
+    }
     tracker.set_tags(tags)
     name = None if a.register is None else a.register or f"base-{cfg.preset}"
     return tracker.log_model({"base": model_dir}, {"task": None}, name, tags, a.alias)

@@ -76,9 +76,11 @@ class AdaptorConfig:
     )
     boundaries: tuple[float, ...] = field(
         default=(),
-        metadata={"help": "phase boundaries in t, descending, one fewer than ranks; phase p "
-                  "holds t > boundaries[p]"},
-    )  # fmt: skip
+        metadata={
+            "help": "phase boundaries in t, descending, one fewer than ranks; phase p "
+            "holds t > boundaries[p]"
+        },
+    )
     k: int = field(default=2, metadata={"help": "modules per phase"})
     input_repr: str = field(default="hidden", metadata={"help": "x_t fed to B: hidden | embedding"})
     condition_repr: str = field(
@@ -96,9 +98,11 @@ class AdaptorConfig:
     )
     reader: str = field(
         default="attention",
-        metadata={"help": "x_t for B_i: none (one frozen state per position, input_repr) | "
-                  "attention (a side reader over several layers' states; see reader.py)"},
-    )  # fmt: skip
+        metadata={
+            "help": "x_t for B_i: none (one frozen state per position, input_repr) | "
+            "attention (a side reader over several layers' states; see reader.py)"
+        },
+    )
     reader_layers: tuple[int, ...] = field(
         default=(0, 3, -1),
         metadata={"help": "base states the reader mixes: 0 embeddings, i block i, -1 final"},
@@ -235,7 +239,7 @@ class TrajectoryAdaptor(nn.Module):
         self.reader = (
             StateReader(
                 d, cfg.reader_layers, cfg.reader_dim, cfg.reader_heads, summary=cfg.reader_summary
-            )  # fmt: skip
+            )
             if cfg.reader == "attention"
             else None
         )

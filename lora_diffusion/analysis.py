@@ -48,9 +48,10 @@ def trajectory_perturbations(
     vectors, labels, ts = [], [], []
     for task in tasks:
         rows = list(
-            tokenize_task(task, "eval", tokenizer, max_length, data_dir, limit=per_task)
-            .with_format("python")
-        )  # fmt: skip
+            tokenize_task(
+                task, "eval", tokenizer, max_length, data_dir, limit=per_task
+            ).with_format("python")
+        )
         weights = F.one_hot(torch.tensor(names.index(task)), len(names)).float()
         for i in range(0, len(rows), batch_size):
             b = collate(rows[i : i + batch_size], tokenizer.pad_token_id)
@@ -105,13 +106,20 @@ def plot_perturbations(
     for ci, task in enumerate(sorted(set(labels))):
         for mi, tv in enumerate(times):
             sel = [
-                i for i, (lab, x) in enumerate(zip(labels, t.tolist(), strict=True))
+                i
+                for i, (lab, x) in enumerate(zip(labels, t.tolist(), strict=True))
                 if lab == task and round(x, 3) == tv
-            ]  # fmt: skip
+            ]
             if sel:
-                ax.scatter(points[sel, 0], points[sel, 1], s=12, color=f"C{ci}",
-                           marker=markers[mi % len(markers)], alpha=0.7,
-                           label=f"{task}, t={tv:g}")  # fmt: skip
+                ax.scatter(
+                    points[sel, 0],
+                    points[sel, 1],
+                    s=12,
+                    color=f"C{ci}",
+                    marker=markers[mi % len(markers)],
+                    alpha=0.7,
+                    label=f"{task}, t={tv:g}",
+                )
     ax.set_title(title or "trajectory perturbations (t-SNE)")
     ax.legend(fontsize=7, markerscale=1.2, ncol=2)
     ax.set_xticks([])

@@ -63,8 +63,10 @@ class AdaptedDenoiser(nn.Module):
         if unknown:
             raise ValueError(f"the router routes to {unknown}, which have no adaptor here")
         if router is not None and router.net[-1].out_features != len(router_tasks):
-            raise ValueError(f"the router has {router.net[-1].out_features} outputs for "
-                             f"{len(router_tasks)} tasks {router_tasks}")  # fmt: skip
+            raise ValueError(
+                f"the router has {router.net[-1].out_features} outputs for "
+                f"{len(router_tasks)} tasks {router_tasks}"
+            )
         self._router_columns = [names.index(task) for task in router_tasks]
         self.base = base.eval().requires_grad_(False)
         self.adaptors = nn.ModuleDict(adaptors)

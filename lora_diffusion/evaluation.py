@@ -146,8 +146,17 @@ def generative_accuracy(
     for batch in tqdm(batches, total=total, disable=not progress, desc=f"generate {task.name}"):
         target = batch["target_mask"]
         prompt_ids = batch["input_ids"].masked_fill(target, tokenizer.mask_token_id)
-        out = sample(denoiser, proc, sched, prompt_ids, batch["attention_mask"], target, steps, g,
-                     temperature=temperature)  # fmt: skip
+        out = sample(
+            denoiser,
+            proc,
+            sched,
+            prompt_ids,
+            batch["attention_mask"],
+            target,
+            steps,
+            g,
+            temperature=temperature,
+        )
         calls["network_calls"] += out.network_calls
         calls["calls_saved"] += out.calls_saved
         for ids, tmask, attn, label in zip(
@@ -278,8 +287,9 @@ def candidate_losses(
             xt, changed = ids.clone(), torch.zeros_like(target)
             for i, g in enumerate(generator):
                 n = int(attn[i].sum())  # right-padded: the row's own length, not the batch's
-                row = process.corrupt(ids[i : i + 1, :n], schedule.alpha(tt[i : i + 1]),
-                                      target[i : i + 1, :n], g)  # fmt: skip
+                row = process.corrupt(
+                    ids[i : i + 1, :n], schedule.alpha(tt[i : i + 1]), target[i : i + 1, :n], g
+                )
                 xt[i, :n], changed[i, :n] = row[0][0], row[1][0]
         else:
             xt, changed = process.corrupt(ids, schedule.alpha(tt), target, generator)  # (B, L)

@@ -110,10 +110,18 @@ def finetune(
     lead = dist.rank == 0
     periodic = _periodic_eval(cfg, model, tok, val_ds) if lead and cfg.train.eval_every else None
     state = fit(
-        model, loss_fn, get_batch, cfg.train, periodic, report=report if lead else None,
-        checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every or cfg.train.max_steps,
-        resume_from=cfg.resume_from, progress=progress and lead, all_reduce=dist.all_reduce,
-    )  # fmt: skip
+        model,
+        loss_fn,
+        get_batch,
+        cfg.train,
+        periodic,
+        report=report if lead else None,
+        checkpoint=checkpoint,
+        checkpoint_every=cfg.checkpoint_every or cfg.train.max_steps,
+        resume_from=cfg.resume_from,
+        progress=progress and lead,
+        all_reduce=dist.all_reduce,
+    )
     train_seconds = time.perf_counter() - start
     if not lead:
         return {"rank": dist.rank, "steps": state.step}
@@ -179,10 +187,16 @@ def validate(cfg: FinetuneConfig, model: nn.Module, tok, dataset, prefix: str) -
     `{prefix}_auc_scoring`."""
     model.eval()
     out = scoring_accuracy(
-        model, tok, cfg.task, dataset, process=cfg.diffusion.process,
-        schedule=cfg.diffusion.schedule, num_t=cfg.scoring_num_t, seed=cfg.train.seed,
+        model,
+        tok,
+        cfg.task,
+        dataset,
+        process=cfg.diffusion.process,
+        schedule=cfg.diffusion.schedule,
+        num_t=cfg.scoring_num_t,
+        seed=cfg.train.seed,
         max_length=cfg.max_length,
-    )  # fmt: skip
+    )
     result = {
         f"{prefix}_accuracy_scoring": out["accuracy"],
         f"{prefix}_gold_loss": out["gold_loss"],
@@ -240,10 +254,17 @@ def evaluate_all(cfg, model, base, tok, process, schedule, progress=False) -> di
     )
     common = dict(process=cfg.diffusion.process, schedule=cfg.diffusion.schedule)
     gen = generative_accuracy(
-        model, tok, cfg.task, eval_ds, steps=cfg.eval_steps, seed=cfg.train.seed,
+        model,
+        tok,
+        cfg.task,
+        eval_ds,
+        steps=cfg.eval_steps,
+        seed=cfg.train.seed,
         temperature=cfg.eval_temperature,
-        max_length=cfg.max_length, progress=progress, **common,
-    )  # fmt: skip
+        max_length=cfg.max_length,
+        progress=progress,
+        **common,
+    )
     result = {
         "eval_accuracy": gen["accuracy"],
         "eval_valid_rate": gen["valid_rate"],

@@ -130,8 +130,11 @@ class LossModule(nn.Module):
         super().__init__()
         self.model, self.extra_loss = model, extra_loss or dict
         self.process, self.schedule, self.weighting, self.shard = (
-            process, schedule, weighting, shard,
-        )  # fmt: skip
+            process,
+            schedule,
+            weighting,
+            shard,
+        )
 
     def forward(self, batch: dict, gen: torch.Generator | None = None):
         out = denoising_loss(

@@ -58,8 +58,12 @@ def plot_effective_ranks(report: dict, path: str | Path, title: str = "") -> Pat
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(modules) + 2), 3.5))
     ax.bar([i - 0.25 for i in x], [m["rank"] for m in modules], 0.25, label="rank r")
     ax.bar(x, [m["effective_rank_up"] for m in modules], 0.25, label="eff. rank W_A")
-    ax.bar([i + 0.25 for i in x], [m["effective_rank_down"] for m in modules], 0.25,
-           label="eff. rank W_B")  # fmt: skip
+    ax.bar(
+        [i + 0.25 for i in x],
+        [m["effective_rank_down"] for m in modules],
+        0.25,
+        label="eff. rank W_B",
+    )
     ax.set_xticks(list(x), labels)
     ax.set_xlabel("phase.module (phase 0 = earliest, noisiest)")
     ax.set_title(title)

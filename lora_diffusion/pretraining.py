@@ -153,11 +153,18 @@ def pretrain(
     checkpoint = checkpoint_callback(model, out_dir, dist, checkpoint_hook)
     lead = dist.rank == 0
     state = fit(
-        model, loss_fn, get_batch, cfg.train, evaluate if lead else None,
-        report if lead else None, checkpoint=checkpoint,
-        checkpoint_every=cfg.checkpoint_every or cfg.train.max_steps, resume_from=cfg.resume_from,
-        progress=progress and lead, all_reduce=dist.all_reduce,
-    )  # fmt: skip
+        model,
+        loss_fn,
+        get_batch,
+        cfg.train,
+        evaluate if lead else None,
+        report if lead else None,
+        checkpoint=checkpoint,
+        checkpoint_every=cfg.checkpoint_every or cfg.train.max_steps,
+        resume_from=cfg.resume_from,
+        progress=progress and lead,
+        all_reduce=dist.all_reduce,
+    )
     if not lead:
         return {"rank": dist.rank, "steps": state.step}
     model_dir = out_dir / "model"

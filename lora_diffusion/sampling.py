@@ -78,8 +78,17 @@ def sample(
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if isinstance(steps, Sequence):
-        return _sample_rows(denoiser, process, schedule, input_ids, attention_mask, target_mask,
-                            list(steps), generator, temperature)  # fmt: skip
+        return _sample_rows(
+            denoiser,
+            process,
+            schedule,
+            input_ids,
+            attention_mask,
+            target_mask,
+            list(steps),
+            generator,
+            temperature,
+        )
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     per_row = isinstance(generator, Sequence)
@@ -106,8 +115,9 @@ def sample(
         x = x.clone()
         if per_row:
             n = len(generator)
-            x[target_mask] = _posterior_rows(process, x, target_mask, probs, [alpha_t] * n,
-                                             [alpha_s] * n, generator)  # fmt: skip
+            x[target_mask] = _posterior_rows(
+                process, x, target_mask, probs, [alpha_t] * n, [alpha_s] * n, generator
+            )
         else:
             x[target_mask] = process.posterior_step(
                 x[target_mask], probs, alpha_t, alpha_s, generator
@@ -118,8 +128,17 @@ def sample(
     return out
 
 
-def _sample_rows(denoiser, process, schedule, input_ids, attention_mask, target_mask, steps,
-                 generators, temperature=1.0) -> SampleOutput:  # fmt: skip
+def _sample_rows(
+    denoiser,
+    process,
+    schedule,
+    input_ids,
+    attention_mask,
+    target_mask,
+    steps,
+    generators,
+    temperature=1.0,
+) -> SampleOutput:
     """`sample` with per-row step counts: row r steps through t = (S_r - k) / S_r, k < S_r."""
     b = input_ids.shape[0]
     if len(steps) != b or min(steps) < 1:
@@ -145,9 +164,14 @@ def _sample_rows(denoiser, process, schedule, input_ids, attention_mask, target_
         alpha = lambda u: float(schedule.alpha(torch.tensor(u))) if u > 0 else 1.0
         xs = xs.clone()
         xs[tm] = _posterior_rows(
-            process, xs, tm, probs, [alpha(u) for u in t],
-            [alpha((steps[r] - k - 1) / steps[r]) for r in rows], [generators[r] for r in rows],
-        )  # fmt: skip
+            process,
+            xs,
+            tm,
+            probs,
+            [alpha(u) for u in t],
+            [alpha((steps[r] - k - 1) / steps[r]) for r in rows],
+            [generators[r] for r in rows],
+        )
         x = x.clone()
         x[idx] = xs
     out.tokens = x
@@ -158,8 +182,9 @@ def _posterior_rows(process, x, target_mask, probs, alphas_t, alphas_s, generato
     """One posterior step row by row, each with its own alphas and generator: the new tokens at
     x[target_mask] (rows' target positions are contiguous there and in probs (N, V))."""
     sizes = target_mask.sum(1).tolist()
-    parts = zip(x[target_mask].split(sizes), probs.split(sizes), alphas_t, alphas_s, generators,
-                strict=True)  # fmt: skip
+    parts = zip(
+        x[target_mask].split(sizes), probs.split(sizes), alphas_t, alphas_s, generators, strict=True
+    )
     return torch.cat([process.posterior_step(*part) for part in parts])
 
 

@@ -213,9 +213,15 @@ class ServingEngine:
         recorder = _RowWeights(self.model, len(rows))
         with self.model.task_weights(self._matrix([r.weights for r, _ in rows])):
             out = sample(
-                recorder, self.process, self.schedule, batch["input_ids"],
-                batch["attention_mask"], batch["target_mask"], [r.steps for r, _ in rows], gens,
-            )  # fmt: skip
+                recorder,
+                self.process,
+                self.schedule,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["target_mask"],
+                [r.steps for r, _ in rows],
+                gens,
+            )
         mean = recorder.mean()
         texts: dict[int, list[str]] = {id(r): [] for r in requests}
         used: dict[int, list[torch.Tensor]] = {id(r): [] for r in requests}
@@ -250,8 +256,9 @@ class ServingEngine:
             weights = self._matrix([r.weights for r in group]).repeat_interleave(k, 0)
             recorder = _RowWeights(self.model, len(group), repeat=k)
             with self.model.task_weights(weights):
-                losses = candidate_losses(recorder, batch, cands, self.process, self.schedule,
-                                          ts, gens)  # fmt: skip  # (B, K)
+                losses = candidate_losses(
+                    recorder, batch, cands, self.process, self.schedule, ts, gens
+                )  # (B, K)
             mean = recorder.mean()
             for j, r in enumerate(group):
                 scores = (-losses[j]).tolist()

@@ -118,9 +118,12 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig):
         raise ValueError("no trainable parameters")
     fused = all(p.is_cuda for p in params) or None  # None: torch's default (foreach)
     opt = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+        params,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        weight_decay=cfg.weight_decay,
         fused=fused,
-    )  # fmt: skip
+    )
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
 

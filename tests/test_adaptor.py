@@ -288,12 +288,14 @@ def test_the_reader_lets_a_target_position_see_the_condition_tokens(tiny_model):
     y = x.clone()
     y[:, 2] = (x[:, 2] + 1) % 500 + 6  # one condition token differs
     plain = AdaptorConfig(conditional=False, input_repr="embedding", reader="none")
-    reader = AdaptorConfig(conditional=False, reader="attention", reader_layers=(0,),
-                           reader_dim=16, reader_heads=2)  # fmt: skip
+    reader = AdaptorConfig(
+        conditional=False, reader="attention", reader_layers=(0,), reader_dim=16, reader_heads=2
+    )
     for cfg, sees_condition in ((plain, False), (reader, True)):
         model = AdaptedDenoiser(tiny_model, randomise(TrajectoryAdaptor(cfg, D)))
-        delta = [model.hidden_states(z, None, T4, cond) - tiny_model.hidden_states(z)
-                 for z in (x, y)]  # fmt: skip
+        delta = [
+            model.hidden_states(z, None, T4, cond) - tiny_model.hidden_states(z) for z in (x, y)
+        ]
         assert delta[0][~cond].abs().max() > 0
         same = torch.allclose(delta[0][~cond], delta[1][~cond], atol=1e-5)
         assert same != sees_condition

@@ -25,8 +25,9 @@ D = 64
 
 
 def trained_like(cfg=None, seed=0):
-    adaptor = TrajectoryAdaptor(cfg or AdaptorConfig(ranks=(8, 4), sigmas=(1.0, 0.5),
-                                                     boundaries=(0.5,)), D)  # fmt: skip
+    adaptor = TrajectoryAdaptor(
+        cfg or AdaptorConfig(ranks=(8, 4), sigmas=(1.0, 0.5), boundaries=(0.5,)), D
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in adaptor.parameters():
@@ -85,8 +86,9 @@ def test_loading_onto_another_base_is_refused(tmp_path, tiny_model, tiny_tokeniz
 
 
 def test_hidden_size_mismatch_is_refused(tmp_path, tiny_model):
-    save_adaptor(tmp_path, TrajectoryAdaptor(AdaptorConfig(ranks=(4,), sigmas=(1.0,),
-                                                           boundaries=()), 32))  # fmt: skip
+    save_adaptor(
+        tmp_path, TrajectoryAdaptor(AdaptorConfig(ranks=(4,), sigmas=(1.0,), boundaries=()), 32)
+    )
     with pytest.raises(AdaptorFileError, match="hidden size 32"):
         load_adaptor(tmp_path, tiny_model)
 
@@ -195,8 +197,9 @@ def test_report_counts_parameters_and_storage(tiny_model):
 def test_peft_like_wrap_save_and_load(tmp_path, tiny_model):
     from lora_diffusion.composition import get_adaptor_model
 
-    model = get_adaptor_model(tiny_model, AdaptorConfig(ranks=(4,), sigmas=(1.0,), boundaries=()),
-                              task="sst2")  # fmt: skip
+    model = get_adaptor_model(
+        tiny_model, AdaptorConfig(ranks=(4,), sigmas=(1.0,), boundaries=()), task="sst2"
+    )
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
         n for n, _ in model.named_parameters() if n.startswith("adaptors.")
     ]
@@ -226,8 +229,13 @@ def test_composition_with_router_saves_and_loads_in_router_order(tmp_path, tiny_
 
 
 def test_files_from_before_the_condition_options_load_as_they_were_trained(tmp_path, tiny_model):
-    cfg = AdaptorConfig(ranks=(8, 4), sigmas=(1.0, 0.5), boundaries=(0.5,),
-                        condition_pool="mean", condition_norm="none")  # fmt: skip
+    cfg = AdaptorConfig(
+        ranks=(8, 4),
+        sigmas=(1.0, 0.5),
+        boundaries=(0.5,),
+        condition_pool="mean",
+        condition_norm="none",
+    )
     adaptor = trained_like(cfg)
     save_adaptor(tmp_path, adaptor, tiny_model)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
@@ -242,8 +250,15 @@ def test_files_from_before_the_condition_options_load_as_they_were_trained(tmp_p
 
 
 def test_reader_adaptor_round_trips_and_older_files_load_without_a_reader(tmp_path, tiny_model):
-    cfg = AdaptorConfig(ranks=(8,), sigmas=(1.0,), boundaries=(), reader="attention",
-                        reader_layers=(0, -1), reader_dim=16, reader_heads=2)  # fmt: skip
+    cfg = AdaptorConfig(
+        ranks=(8,),
+        sigmas=(1.0,),
+        boundaries=(),
+        reader="attention",
+        reader_layers=(0, -1),
+        reader_dim=16,
+        reader_heads=2,
+    )
     adaptor = trained_like(cfg)
     save_adaptor(tmp_path / "r", adaptor, tiny_model)
     loaded, _ = load_adaptor(tmp_path / "r", tiny_model)

@@ -184,11 +184,19 @@ def test_finetune_runs_bitfit_end_to_end(tiny_base_dir, data_dir, tmp_path):
     from lora_diffusion.training import TrainConfig
 
     cfg = FinetuneConfig(
-        base=str(tiny_base_dir), output_dir=str(tmp_path / "run"), method="bitfit",
-        data_dir=str(data_dir), max_length=64, train_limit=16, eval_limit=4, eval_steps=4,
-        scoring_num_t=1, forgetting_blocks=2, cache_dir=str(tmp_path / "cache"),
+        base=str(tiny_base_dir),
+        output_dir=str(tmp_path / "run"),
+        method="bitfit",
+        data_dir=str(data_dir),
+        max_length=64,
+        train_limit=16,
+        eval_limit=4,
+        eval_steps=4,
+        scoring_num_t=1,
+        forgetting_blocks=2,
+        cache_dir=str(tmp_path / "cache"),
         train=TrainConfig(lr=5e-3, max_steps=2, batch_size=4, warmup_steps=0),
-    )  # fmt: skip
+    )
     result = finetune(cfg, progress=False)
     for key in ("trainable_params", "trainable_pct", "storage_mb", "eval_accuracy", "forgetting"):
         assert key in result
@@ -196,17 +204,25 @@ def test_finetune_runs_bitfit_end_to_end(tiny_base_dir, data_dir, tmp_path):
     assert result["heldout_loss_base"] != result["heldout_loss_adapted"]
 
 
-def test_evaluate_job_loads_a_baseline_and_reproduces_its_accuracy(tiny_base_dir, data_dir,
-                                                                    tmp_path):  # fmt: skip
+def test_evaluate_job_loads_a_baseline_and_reproduces_its_accuracy(
+    tiny_base_dir, data_dir, tmp_path
+):
     from jobs.evaluate import main as evaluate
     from lora_diffusion.training import TrainConfig
 
     cfg = FinetuneConfig(
-        base=str(tiny_base_dir), output_dir=str(tmp_path / "run"), method="weight_lora",
-        data_dir=str(data_dir), max_length=64, train_limit=16, eval_limit=6,
-        scoring_num_t=1, forgetting_blocks=0, cache_dir=str(tmp_path / "cache"),
+        base=str(tiny_base_dir),
+        output_dir=str(tmp_path / "run"),
+        method="weight_lora",
+        data_dir=str(data_dir),
+        max_length=64,
+        train_limit=16,
+        eval_limit=6,
+        scoring_num_t=1,
+        forgetting_blocks=0,
+        cache_dir=str(tmp_path / "cache"),
         train=TrainConfig(lr=5e-3, max_steps=3, batch_size=4, warmup_steps=0),
-    )  # fmt: skip
+    )
     cfg.baselines.lora_rank = 4
     result = finetune(cfg, progress=False)
     again = evaluate(["--base", str(tiny_base_dir), "--adaptor", result["adaptor_dir"],

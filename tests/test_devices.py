@@ -19,8 +19,16 @@ from lora_diffusion import evaluation, generation
 from lora_diffusion.config import BaselineConfig
 from lora_diffusion.training import Distributed, TrainConfig, TrainState
 
-METHODS = ("lora_diffusion", "full", "weight_lora", "bitfit", "adapters", "prefix", "loreft",
-           "nara")  # fmt: skip
+METHODS = (
+    "lora_diffusion",
+    "full",
+    "weight_lora",
+    "bitfit",
+    "adapters",
+    "prefix",
+    "loreft",
+    "nara",
+)
 SMALL = BaselineConfig(lora_rank=4, bottleneck=8, prefix_length=4, loreft_rank=4, nara_rank=4)
 
 
@@ -76,11 +84,17 @@ def test_every_model_finetune_trains_and_evaluates_lives_on_the_training_device(
     method, recorded, tiny_base_dir, data_dir, tmp_path, tmp_path_factory
 ):
     cfg = ft.FinetuneConfig(
-        base=str(tiny_base_dir), output_dir=str(tmp_path / "run"), method=method,
-        data_dir=str(data_dir), max_length=64, train_limit=8, eval_limit=4, baselines=SMALL,
+        base=str(tiny_base_dir),
+        output_dir=str(tmp_path / "run"),
+        method=method,
+        data_dir=str(data_dir),
+        max_length=64,
+        train_limit=8,
+        eval_limit=4,
+        baselines=SMALL,
         cache_dir=str(tmp_path_factory.getbasetemp() / "device-cache"),
         train=TrainConfig(max_steps=2, batch_size=4, warmup_steps=0, eval_every=1),
-    )  # fmt: skip
+    )
     ft.finetune(cfg, progress=False, dist=Distributed(device="meta", prepare=on_meta))
     assert recorded == {
         "trained": {"meta"},
@@ -95,8 +109,7 @@ def test_generate_feeds_the_denoiser_its_batch_on_the_denoiser_s_device(
 ):
     seen = []
 
-    def fake_sample(denoiser, process, schedule, input_ids, attention_mask, target_mask,
-                    **kwargs):  # fmt: skip
+    def fake_sample(denoiser, process, schedule, input_ids, attention_mask, target_mask, **kwargs):
         seen.extend(x.device.type for x in (input_ids, attention_mask, target_mask))
         raise StopIteration
 

@@ -28,8 +28,9 @@ def done(tiny_tokenizer, data_dir, tmp_path_factory, tracking_store):
     tok = tiny_tokenizer
     base, narrow = tmp_path_factory.mktemp("base"), tmp_path_factory.mktemp("narrow")
     for folder, width in ((base, 64), (narrow, 32)):  # two base sizes for the bases stage
-        cfg = preset_config("tiny", hidden_size=width, vocab_size=len(tok),
-                            mask_token_id=tok.mask_token_id)  # fmt: skip
+        cfg = preset_config(
+            "tiny", hidden_size=width, vocab_size=len(tok), mask_token_id=tok.mask_token_id
+        )
         DiffusionLM(cfg).save_pretrained(folder)
         tok.save_pretrained(folder)
     root = tmp_path_factory.mktemp("experiments")
@@ -49,8 +50,13 @@ def test_every_stage_lands_in_mlflow_and_in_the_report(done):
     # 2 methods x 2 seeds, 2 sizes x 1 method, 2 tasks + merge + router + t-SNE, 2 bases, report
     assert len(labels) == 4 + 2 + 5 + 2 + 1 and labels[-1] == "report", labels
     runs = mlflow.MlflowClient(done["uri"]).search_runs(
-        [mlflow.MlflowClient(done["uri"]).get_experiment_by_name("lora-diffusion/paper")
-         .experiment_id], max_results=200)  # fmt: skip
+        [
+            mlflow.MlflowClient(done["uri"])
+            .get_experiment_by_name("lora-diffusion/paper")
+            .experiment_id
+        ],
+        max_results=200,
+    )
     studies = sorted(r.data.tags.get("study", r.data.tags.get("kind")) for r in runs)
     assert studies.count("methods") == 4 and studies.count("data_size") == 2
     assert studies.count("bases") == 2
@@ -74,8 +80,12 @@ def test_every_stage_lands_in_mlflow_and_in_the_report(done):
     assert small < large  # ordered by the base's size, read back from the runs
     multi = text.split("## Multi-task composition")[1]
     assert "Zero-shot merge" in multi and "| trec |" in multi and "silhouette" in multi
-    for fig in ("loss_curves", "effective_rank_by_phase", "accuracy_vs_data_size",
-                "perturbations_tsne"):  # fmt: skip
+    for fig in (
+        "loss_curves",
+        "effective_rank_by_phase",
+        "accuracy_vs_data_size",
+        "perturbations_tsne",
+    ):
         assert (root / "docs" / "figures" / f"{fig}.png").stat().st_size > 1000, fig
     tsne = json.loads((root / "runs" / "tasks" / "tsne.json").read_text())
     assert tsne["points"] == 2 * 6 * 3 and -1 <= tsne["silhouette"] <= 1  # 2 tasks, 6 ex., 3 t
@@ -87,8 +97,10 @@ def test_a_rerun_skips_finished_jobs_and_logs_nothing_new(done):
     client = mlflow.MlflowClient(done["uri"])
     exp = client.get_experiment_by_name("lora-diffusion/paper").experiment_id
     before = len(client.search_runs([exp], max_results=500))
-    argv = [a if a != "methods,data_size,tasks,bases,report" else "methods,data_size,tasks,bases"
-            for a in done["argv"]]  # fmt: skip
+    argv = [
+        a if a != "methods,data_size,tasks,bases,report" else "methods,data_size,tasks,bases"
+        for a in done["argv"]
+    ]
     again = experiments.main(argv)
     assert [j["status"] for j in again["jobs"]] == ["skipped"] * 13
     assert len(client.search_runs([exp], max_results=500)) == before
@@ -111,7 +123,9 @@ def test_the_ablations_stage_lands_every_trial_in_the_relative_store_it_was_give
                    "--stages", "ablations,report", "--json")  # fmt: skip
     result = last_json(proc.stdout)
     assert result["failed"] == 0 and [j["job"] for j in result["jobs"]] == [
-        "ablations: table11_k", "report"]  # fmt: skip
+        "ablations: table11_k",
+        "report",
+    ]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("lora-diffusion/paper").experiment_id
     trials = client.search_runs([exp], "tags.mlflow.parentRunId != ''")

@@ -20,9 +20,12 @@ def extra_terms(tmp_path, rank_every, resume_step=None, grad_accum=1, calls=6):
     torch.manual_seed(0)
     base = DiffusionLM(preset_config("tiny", vocab_size=64))
     cfg = FinetuneConfig(
-        base="-", output_dir="-", rank_every=rank_every, resume_from=resume and str(resume),
+        base="-",
+        output_dir="-",
+        rank_every=rank_every,
+        resume_from=resume and str(resume),
         train=TrainConfig(batch_size=4, grad_accum=grad_accum),
-    )  # fmt: skip
+    )
     bundle = METHODS.get("lora_diffusion").build(cfg, base)
     with torch.no_grad():
         for p in bundle.model.adaptor_parameters():

@@ -23,6 +23,9 @@ def test_the_gpu_check_driver_runs_every_step_and_writes_its_results(
     assert [r["x_full"] for r in rows if r["method"] == "full"] == [1.0]
     assert report["steps"]["pretrain"]["result"]["tokens_per_s"] > 0
     assert set(report["steps"]["finetune"]["result"]) == set(METHODS)
-    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "step_cost.json",
-                                                     "summary.md"]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpu_check.json",
+        "step_cost.json",
+        "summary.md",
+    ]
     assert "| lora_diffusion |" in (out / "summary.md").read_text()

@@ -15,10 +15,19 @@ from lora_diffusion.training import TrainConfig
 def _cfg(base, data_dir, tmp_path, **kw) -> FinetuneConfig:
     train = kw.pop("train", None) or TrainConfig(lr=5e-3, max_steps=2, batch_size=4, warmup_steps=0)
     return FinetuneConfig(
-        base=str(base), output_dir=str(tmp_path / "run"), task="trec", data_dir=str(data_dir),
-        max_length=48, eval_limit=4, eval_steps=1, scoring_num_t=1, forgetting_blocks=0,
-        cache_dir=str(tmp_path / "cache"), train=train, **kw,
-    )  # fmt: skip
+        base=str(base),
+        output_dir=str(tmp_path / "run"),
+        task="trec",
+        data_dir=str(data_dir),
+        max_length=48,
+        eval_limit=4,
+        eval_steps=1,
+        scoring_num_t=1,
+        forgetting_blocks=0,
+        cache_dir=str(tmp_path / "cache"),
+        train=train,
+        **kw,
+    )
 
 
 def test_holdout_is_the_last_train_rows_and_never_trained_on(tiny_tokenizer, data_dir, tmp_path):
@@ -86,12 +95,30 @@ def test_compare_methods_chooses_the_learning_rate_on_the_holdout(
     assert (out / "plots" / "lr_sweep.png").stat().st_size > 0
     # the choice follows the split it is told to use: the dev scores pick differently here
     fake = [
-        {"method": "m", "lr": 1, "val_accuracy_scoring": 0.9, "val_gold_loss": 2.0,
-         "eval_accuracy_scoring": 0.1, "eval_gold_loss": 2.0},
-        {"method": "m", "lr": 2, "val_accuracy_scoring": 0.9, "val_gold_loss": 1.0,
-         "eval_accuracy_scoring": 0.5, "eval_gold_loss": 1.0},
-        {"method": "m", "lr": 3, "val_accuracy_scoring": 0.2, "val_gold_loss": 0.5,
-         "eval_accuracy_scoring": 0.8, "eval_gold_loss": 3.0},
-    ]  # fmt: skip
+        {
+            "method": "m",
+            "lr": 1,
+            "val_accuracy_scoring": 0.9,
+            "val_gold_loss": 2.0,
+            "eval_accuracy_scoring": 0.1,
+            "eval_gold_loss": 2.0,
+        },
+        {
+            "method": "m",
+            "lr": 2,
+            "val_accuracy_scoring": 0.9,
+            "val_gold_loss": 1.0,
+            "eval_accuracy_scoring": 0.5,
+            "eval_gold_loss": 1.0,
+        },
+        {
+            "method": "m",
+            "lr": 3,
+            "val_accuracy_scoring": 0.2,
+            "val_gold_loss": 0.5,
+            "eval_accuracy_scoring": 0.8,
+            "eval_gold_loss": 3.0,
+        },
+    ]
     assert best_per_method(fake, "val")[0]["lr"] == 2  # a tie on accuracy: the lower loss
     assert best_per_method(fake, "eval")[0]["lr"] == 3

@@ -81,10 +81,12 @@ def test_what_help_states_about_the_library_is_what_the_library_holds():
         (["jobs/pretrain.py", "--preset", "x", "--output-dir", "o"], "invalid choice 'x'"),
         (["jobs/train.py", "--base", "b"], "the following arguments are required: --output-dir"),
         (["jobs/train.py", "--base", "b", "--output-dir", "o", "--bogus"], "unrecognized"),
-        (["jobs/sweep.py", "--space", "s", "--base", "b", "--output-dir", "o", "--task", "x"],
-         "--task: invalid choice 'x'"),
+        (
+            ["jobs/sweep.py", "--space", "s", "--base", "b", "--output-dir", "o", "--task", "x"],
+            "--task: invalid choice 'x'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_flag_error_is_one_line_with_a_hint_and_exit_code_2(args, says):
     proc = run_job(*args, check=False)
     assert proc.returncode == 2
@@ -194,8 +196,18 @@ def trained(pretrained, tmp_path_factory, data_dir, ray_cluster):
 
 def test_train_job_saves_an_adaptor_and_reports_every_promised_key(trained):
     out, result, _ = trained
-    promised = ("method", "task", "trainable_params", "trainable_pct", "storage_mb", "train_loss",
-                "eval_accuracy", "eval_accuracy_scoring", "adaptor_dir", "seconds")  # fmt: skip
+    promised = (
+        "method",
+        "task",
+        "trainable_params",
+        "trainable_pct",
+        "storage_mb",
+        "train_loss",
+        "eval_accuracy",
+        "eval_accuracy_scoring",
+        "adaptor_dir",
+        "seconds",
+    )
     assert all(k in result for k in promised), set(promised) - set(result)
     assert result["method"] == "lora_diffusion" and result["steps"] == 6
     assert 0 <= result["eval_accuracy"] <= 1 and 0 <= result["eval_valid_rate"] <= 1

@@ -39,8 +39,14 @@ def load_scaled(path, base, cfg):
     return Scaled(base).train()
 
 
-SCALED = Method("scaled", build_scaled, load_scaled, default_lr=0.25, label="scaled",
-                run_name_knobs=(("b", "baselines.bottleneck"),))  # fmt: skip
+SCALED = Method(
+    "scaled",
+    build_scaled,
+    load_scaled,
+    default_lr=0.25,
+    label="scaled",
+    run_name_knobs=(("b", "baselines.bottleneck"),),
+)
 
 
 @pytest.fixture()

@@ -69,8 +69,9 @@ def test_two_ddp_workers_train_exactly_like_one(one_worker, base, data_dir, tmp_
     assert (tmp_path / "adaptor" / "adapter_model.safetensors").exists()
 
 
-def test_fsdp_shards_the_frozen_base_and_trains_like_one_worker(one_worker, base, data_dir,
-                                                                 tmp_path):  # fmt: skip
+def test_fsdp_shards_the_frozen_base_and_trains_like_one_worker(
+    one_worker, base, data_dir, tmp_path
+):
     out1, r1 = one_worker
     r = train(base, tmp_path, data_dir, "--max-steps", "12", "--num-workers", "2",
               "--strategy", "fsdp")  # fmt: skip
@@ -95,8 +96,9 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_its_checkpoint(
            "--data-dir", str(data_dir), "--max-steps", "200", "--checkpoint-every", "10",
            "--num-workers", "2", "--max-failures", "1"]  # fmt: skip
     env = {**os.environ, "LORA_DIFFUSION_PID_DIR": str(pids)}
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     try:
         deadline = time.time() + 300
         # two checkpoints on disk: the first is surely registered with Ray Train by then

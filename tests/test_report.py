@@ -68,28 +68,67 @@ def fill_store(uri: str, root) -> dict:
     pre = client.create_experiment("lora-diffusion/pretrain", (root / "pre").as_uri())
     for (method, seed), m in TRAINING.items():
         hist = losses(method, seed)
-        metrics = {**m, "train_loss": hist[-1], "trainable_params": TRAINABLE[method],
-                   "trainable_pct": TRAINABLE[method] / 4e4, "storage_mb": 4e-6 * TRAINABLE[method],
-                   "storage_mb_bf16": 2e-6 * TRAINABLE[method], "steps": 20, "train_seconds": 30,
-                   "convergence_step": 10, "forgetting": 0.01 * (seed + 1)}  # fmt: skip
-        log_run(client, exp, f"{method}-sst2-lr0.001",
-                {"task": "sst2", "method": method, "base_fingerprint": "abc"},
-                {"task": "sst2", "method": method, "train.seed": seed, "train.lr": 1e-3},
-                metrics, hist)  # fmt: skip
+        metrics = {
+            **m,
+            "train_loss": hist[-1],
+            "trainable_params": TRAINABLE[method],
+            "trainable_pct": TRAINABLE[method] / 4e4,
+            "storage_mb": 4e-6 * TRAINABLE[method],
+            "storage_mb_bf16": 2e-6 * TRAINABLE[method],
+            "steps": 20,
+            "train_seconds": 30,
+            "convergence_step": 10,
+            "forgetting": 0.01 * (seed + 1),
+        }
+        log_run(
+            client,
+            exp,
+            f"{method}-sst2-lr0.001",
+            {"task": "sst2", "method": method, "base_fingerprint": "abc"},
+            {"task": "sst2", "method": method, "train.seed": seed, "train.lr": 1e-3},
+            metrics,
+            hist,
+        )
     bad = {"eval_accuracy": 0.10, "eval_accuracy_scoring": 0.10}  # would move every mean
-    log_run(client, exp, "failed", {"task": "sst2", "method": "full"}, {"train.seed": 2}, bad,
-            status="FAILED")  # fmt: skip
+    log_run(
+        client,
+        exp,
+        "failed",
+        {"task": "sst2", "method": "full"},
+        {"train.seed": 2},
+        bad,
+        status="FAILED",
+    )
     log_run(client, pre, "base-tiny", {"kind": "base", "preset": "tiny"}, {"seed": 0}, bad)
-    parent = log_run(client, exp, "sweep-ranks", {"kind": "sweep", "sweep": "ranks"},
-                     {"task": "sst2", "method": "lora_diffusion", "space": "{}"}, {},
-                     status="RUNNING")  # fmt: skip
+    parent = log_run(
+        client,
+        exp,
+        "sweep-ranks",
+        {"kind": "sweep", "sweep": "ranks"},
+        {"task": "sst2", "method": "lora_diffusion", "space": "{}"},
+        {},
+        status="RUNNING",
+    )
     for i, (k, score, status) in enumerate(SWEEP):
-        tags = {"mlflow.parentRunId": parent, "sweep": "ranks", "task": "sst2",
-                "method": "lora_diffusion"}  # fmt: skip
-        params = {"adaptor.k": k, "sweep.adaptor.k": json.dumps(k), "train.seed": 0,
-                  "output_dir": f"/runs/trials/t{i}", "train.lr": 2e-3}  # fmt: skip
-        metrics = {"eval_accuracy_scoring": score, "eval_gold_loss": 1 - score,
-                   "trainable_params": 1000 * k, "eval_accuracy": 0.0}  # fmt: skip
+        tags = {
+            "mlflow.parentRunId": parent,
+            "sweep": "ranks",
+            "task": "sst2",
+            "method": "lora_diffusion",
+        }
+        params = {
+            "adaptor.k": k,
+            "sweep.adaptor.k": json.dumps(k),
+            "train.seed": 0,
+            "output_dir": f"/runs/trials/t{i}",
+            "train.lr": 2e-3,
+        }
+        metrics = {
+            "eval_accuracy_scoring": score,
+            "eval_gold_loss": 1 - score,
+            "trainable_params": 1000 * k,
+            "eval_accuracy": 0.0,
+        }
         log_run(client, exp, f"ranks-t{i}", tags, params, metrics, [2.0, 1.0], status=status)
     client.set_terminated(parent, "FINISHED")
     return {"client": client, "exp": exp}
@@ -114,8 +153,10 @@ def table(md: str, title: str) -> list[dict]:
     start = next(i for i, ln in enumerate(body) if ln.startswith("|"))
     lines = list(itertools.takewhile(lambda ln: ln.startswith("|"), body[start:]))
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True))
-            for ln in lines[2:]]  # fmt: skip
+    return [
+        dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True))
+        for ln in lines[2:]
+    ]
 
 
 def by_method(rows: list[dict]) -> dict[str, dict]:

@@ -103,8 +103,16 @@ def test_per_row_step_counts_match_each_row_sampled_alone(tiny_model):
     assert out.network_calls == 5  # one pass: max(steps) calls, not 2 + 5 + 3
     for i, steps in enumerate([2, 5, 3]):
         row = slice(i, i + 1)
-        alone = sample(tiny_model, proc, sched, ids[row], attn[row], target[row], steps,
-                       torch.Generator().manual_seed(i + 1)).tokens  # fmt: skip
+        alone = sample(
+            tiny_model,
+            proc,
+            sched,
+            ids[row],
+            attn[row],
+            target[row],
+            steps,
+            torch.Generator().manual_seed(i + 1),
+        ).tokens
         assert torch.equal(out.tokens[i], alone[0])
     assert not (out.tokens[target] == tiny_model.mask_token_id).any()  # every row finished
 
@@ -126,7 +134,7 @@ def test_temperature_zero_decodes_greedily(tiny_model, tiny_tokenizer):
             1,
             torch.Generator().manual_seed(s),
             temperature=0.0,
-        ).tokens  # fmt: skip
+        ).tokens
         for s in (0, 1)
     ]
     x = ids.masked_fill(target, tok.mask_token_id)

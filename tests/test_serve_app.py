@@ -72,8 +72,14 @@ def local_engine(base_dir: Path, adaptors: dict[str, Path]):
 
 
 #: One task's adaptor, explicitly: the app must answer what that adaptor alone answers.
-ONE_HOT = {"task": "sst2", "input": "a moving and gripping film", "weights": {"sst2": 1.0},
-           "seed": 7, "num_samples": 3, "steps": 4}  # fmt: skip
+ONE_HOT = {
+    "task": "sst2",
+    "input": "a moving and gripping film",
+    "weights": {"sst2": 1.0},
+    "seed": 7,
+    "num_samples": 3,
+    "steps": 4,
+}
 
 
 def one_hot_answer(base_dir: Path, adaptor_dir: Path) -> list[str]:
@@ -82,8 +88,14 @@ def one_hot_answer(base_dir: Path, adaptor_dir: Path) -> list[str]:
 
     engine = local_engine(base_dir, {"sst2": adaptor_dir})
     prompt = engine.task_prompt(ONE_HOT["task"], ONE_HOT["input"])
-    req = GenerateRequest(prompt, engine.target_length("sst2"), None, ONE_HOT["steps"],
-                          ONE_HOT["seed"], ONE_HOT["num_samples"])  # fmt: skip
+    req = GenerateRequest(
+        prompt,
+        engine.target_length("sst2"),
+        None,
+        ONE_HOT["steps"],
+        ONE_HOT["seed"],
+        ONE_HOT["num_samples"],
+    )
     return engine.generate([req])[0]["texts"]
 
 
@@ -288,7 +300,7 @@ BAD = [  # (path, body or raw text, field named in the error)
         "/v1/generate",
         {"task": "sst2", "input": "x", "weights": {"sst2": 1e308, "trec": 1e308}},
         "finite",
-    ),  # fmt: skip
+    ),
     # strict types: coercion hid these mistakes
     ("/v1/generate", {"task": "sst2", "input": "x", "steps": "4"}, "steps"),
     ("/v1/generate", {"task": "sst2", "input": "x", "steps": True}, "steps"),
@@ -302,7 +314,7 @@ BAD = [  # (path, body or raw text, field named in the error)
         "/v1/generate",
         {"prompt": LONG_PROMPT, "max_new_tokens": 64, "steps": 256, "num_samples": 8},
         "max_request_cost",
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -407,8 +419,9 @@ def test_a_non_ascii_authorization_header_is_a_401_not_a_500(server, method, pat
     # compare_digest raised TypeError on a non-ASCII str: the header is compared as bytes
     body = json.dumps({"task": "sst2", "input": "a fine film"})
     for value in [b"Bearer \xff\xfe", f"Bearer {TOKEN}\xe9".encode("latin-1"), b"\xc3\xa9"]:
-        r = httpx.request(method, f"{server}{path}", content=body,
-                          headers={"Authorization": value}, timeout=30)  # fmt: skip
+        r = httpx.request(
+            method, f"{server}{path}", content=body, headers={"Authorization": value}, timeout=30
+        )
         assert r.status_code == 401, (value, r.status_code, r.text)
 
 
@@ -434,8 +447,7 @@ def test_an_error_repeats_only_a_capped_part_of_the_input(server):
 
 
 def test_a_small_request_does_not_wait_behind_a_giant_one(server):
-    giant = {"prompt": LONG_PROMPT,
-             "max_new_tokens": 64, "steps": 256, "num_samples": 4}  # fmt: skip
+    giant = {"prompt": LONG_PROMPT, "max_new_tokens": 64, "steps": 256, "num_samples": 4}
     small = {"task": "sst2", "input": "a lovely film"}
 
     async def race():
@@ -457,8 +469,12 @@ def test_a_small_request_does_not_wait_behind_a_giant_one(server):
 
 def _held_request(port: int, path: str, auth: bool) -> bytes:
     """Headers that declare a 1000-byte body, and 9 bytes of it."""
-    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}",
-             "Content-Type: application/json", "Content-Length: 1000"]  # fmt: skip
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Content-Type: application/json",
+        "Content-Length: 1000",
+    ]
     if auth:
         lines.append(f"Authorization: Bearer {TOKEN}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + b'{"task": '

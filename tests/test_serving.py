@@ -145,8 +145,10 @@ def test_a_forked_engine_answers_the_same_from_another_thread_at_once(parts):
     engine = engine_of(base, tok, {"a": a, "b": b}, Router(D, 2))
     twin = engine.fork()
     assert twin.model is not engine.model and twin.model.base is engine.model.base
-    reqs = [GenerateRequest(engine.task_prompt("sst2", f"film {i}"), 4, w, 4, i)
-            for i, w in enumerate([[1.0, 0.0], [0.0, 1.0], None, [0.5, 0.5]])]  # fmt: skip
+    reqs = [
+        GenerateRequest(engine.task_prompt("sst2", f"film {i}"), 4, w, 4, i)
+        for i, w in enumerate([[1.0, 0.0], [0.0, 1.0], None, [0.5, 0.5]])
+    ]
     alone = [engine.generate([r])[0] for r in reqs]
     run_all = lambda e: [e.generate([r])[0] for _ in range(3) for r in reqs]
     with ThreadPoolExecutor(2) as pool:  # one thread per engine, both at once

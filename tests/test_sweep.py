@@ -112,8 +112,9 @@ def test_a_two_trial_sweep_logs_nested_runs_and_registers_the_best(
     ray_cluster, base, data_dir, tmp_path
 ):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    path = space(tmp_path, "params:\n  adaptor.k:\n    grid: [1, 2]\nfixed:\n"
-                           "  adaptor.ranks: [4]\n")  # fmt: skip
+    path = space(
+        tmp_path, "params:\n  adaptor.k:\n    grid: [1, 2]\nfixed:\n  adaptor.ranks: [4]\n"
+    )
     out = tmp_path / "out"
     # the store and the data named relative to the job's cwd (the repo), as `make experiments`
     # does: Tune runs trials in their own working directories, where a relative path would
@@ -133,8 +134,9 @@ def test_a_two_trial_sweep_logs_nested_runs_and_registers_the_best(
     )
     assert len(children) == 2 and {c.data.params["adaptor.k"] for c in children} == {"1", "2"}
     assert all(c.info.status == "FINISHED" for c in children)
-    assert all(len(client.get_metric_history(c.info.run_id, "eval_gold_loss")) >= 2
-               for c in children)  # fmt: skip
+    assert all(
+        len(client.get_metric_history(c.info.run_id, "eval_gold_loss")) >= 2 for c in children
+    )
     version = client.get_model_version_by_alias("tiny-sst2", "best-ks")
     assert version.tags["sweep"] == "ks" and version.run_id in {c.info.run_id for c in children}
     table = (out / "table.md").read_text()
@@ -149,8 +151,9 @@ def test_asha_stops_a_bad_trial_early(ray_cluster, base, data_dir, tmp_path):
     # lr 1e-12 cannot move the gold label's loss; the good trial runs first (grid order, one
     # at a time), so at the first rung the bad one trails and is stopped. Trials report on
     # held-out train rows (--holdout): ASHA reads val_gold_loss, the score is val_accuracy_scoring
-    path = space(tmp_path, "params:\n  train.lr:\n    grid: [0.01, 1.0e-12]\nfixed:\n"
-                           "  adaptor.ranks: [4]\n")  # fmt: skip
+    path = space(
+        tmp_path, "params:\n  train.lr:\n    grid: [0.01, 1.0e-12]\nfixed:\n  adaptor.ranks: [4]\n"
+    )
     out = tmp_path / "out"
     result = last_json(sweep(
         base, data_dir, "--space", path, "--output-dir", str(out), "--max-steps", "16",
@@ -169,14 +172,16 @@ def test_asha_stops_a_bad_trial_early(ray_cluster, base, data_dir, tmp_path):
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     ray_cluster, base, data_dir, tmp_path
 ):
-    path = space(tmp_path, "params:\n  adaptor.k:\n    grid: [1, 2, 3]\nfixed:\n"
-                           "  adaptor.ranks: [4]\n")  # fmt: skip
+    path = space(
+        tmp_path, "params:\n  adaptor.k:\n    grid: [1, 2, 3]\nfixed:\n  adaptor.ranks: [4]\n"
+    )
     out = tmp_path / "out"
     args = ["jobs/sweep.py", *TINY, "--base", base, "--data-dir", str(data_dir), "--space", path,
             "--output-dir", str(out), "--max-steps", "40", "--eval-every", "20",
             "--max-concurrent", "1", "--no-tracking", "--scheduler", "none"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 300
         while not list((out / "trials").glob("*/metrics.json")):

@@ -103,8 +103,16 @@ def test_registered_adaptor_loads_and_reproduces_the_jobs_accuracy(tracked, data
     _, result = tracked
     model, tok = load_registered_adaptor("models:/sst2-ld@production")
     assert type(model).__name__ == "AdaptedDenoiser"
-    cfg = FinetuneConfig(base="", output_dir="", task="sst2", data_dir=str(data_dir), eval_limit=8,
-                         max_length=64, scoring_num_t=2, forgetting_blocks=0)  # fmt: skip
+    cfg = FinetuneConfig(
+        base="",
+        output_dir="",
+        task="sst2",
+        data_dir=str(data_dir),
+        eval_limit=8,
+        max_length=64,
+        scoring_num_t=2,
+        forgetting_blocks=0,
+    )
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=0))
     process = get_process("absorbing", len(tok), tok.mask_token_id)
     again = evaluate_all(cfg, model, model.base, tok, process, get_schedule("loglinear"))
@@ -227,6 +235,11 @@ def test_relative_store_paths_are_made_absolute_where_they_are_given(tmp_path, m
     assert tracking_uri("sqlite:///runs/x.db") == f"sqlite:///{tmp_path.resolve()}/runs/x.db"
     assert tracking_uri("mlruns") == str(tmp_path.resolve() / "mlruns")
     assert tracking_uri(None) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    for unchanged in ("sqlite:////abs/x.db", "http://127.0.0.1:5000", "databricks",
-                      "postgresql://u@h/db", "file:///abs/mlruns"):  # fmt: skip
+    for unchanged in (
+        "sqlite:////abs/x.db",
+        "http://127.0.0.1:5000",
+        "databricks",
+        "postgresql://u@h/db",
+        "file:///abs/mlruns",
+    ):
         assert tracking_uri(unchanged) == unchanged
