@@ -120,6 +120,27 @@ def base_parser(description: str, training: bool = True, max_steps: int | None =
     return p
 
 
+def finetune_config(a, lr: float | None = None, train: dict | None = None, **fields):
+    """A `FinetuneConfig` from the flags every training job shares (base, output dir, task,
+    method, data, limits, batch size, seed, steps), `fields` and `train` fields on top; the
+    learning rate is `lr`, else the method's default."""
+    import dataclasses
+
+    from lora_diffusion.config import FinetuneConfig
+    from lora_diffusion.methods import METHODS
+
+    shared = ("base", "output_dir", "task", "method", "data_dir", "train_limit", "eval_limit")
+    cfg = FinetuneConfig(**{k: getattr(a, k) for k in shared}, **fields)
+    steps = {"max_steps": a.max_steps} if a.max_steps else {}
+    lr = lr if lr is not None else METHODS.get(a.method).default_lr
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(
+            cfg.train, lr=lr, batch_size=a.batch_size, seed=a.seed, **steps, **(train or {})
+        ),
+    )
+
+
 def config_error(e: Exception) -> str:
     """The message of a config error (a KeyError's str() would wrap it in quotes)."""
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

@@ -326,6 +326,13 @@ def sweep_figure(name: str) -> str:
 # ---- figures ----------------------------------------------------------------------------------
 
 
+def method_label(name: str) -> str:
+    """A method's name in prose (its `Method.label`): "weight LoRA" for weight_lora."""
+    from lora_diffusion.methods import METHODS
+
+    return METHODS.get(name).label if name in METHODS else name
+
+
 def plot_loss_curves(groups, histories, path: Path) -> Path:
     """One panel per task, one line per run, coloured by method."""
     from lora_diffusion.plots import pyplot, save_figure
@@ -343,7 +350,7 @@ def plot_loss_curves(groups, histories, path: Path) -> Path:
                     losses,
                     color=f"C{methods.index(method) % 10}",
                     alpha=0.8,
-                    label=method if i == 0 else None,
+                    label=method_label(method) if i == 0 else None,
                 )
         ax.set(xlabel="step", ylabel="loss", title=f"{task}: training loss")
         ax.grid(alpha=0.3)
@@ -363,7 +370,7 @@ def plot_score_vs_params(groups, values, path: Path) -> Path:
             if "trainable_params" in v and "eval_accuracy_scoring" in v
         ]
         if pts:
-            ax.scatter(*zip(*pts, strict=True), label=f"{task} / {method}")
+            ax.scatter(*zip(*pts, strict=True), label=f"{task} / {method_label(method)}")
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="scoring accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

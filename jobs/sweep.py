@@ -26,7 +26,16 @@ from typing import TYPE_CHECKING
 import yaml
 
 from jobs import raytrain
-from jobs.common import FINETUNE_STEPS, METHOD_LR, TASKS, base_parser, config_error, emit, fail
+from jobs.common import (
+    FINETUNE_STEPS,
+    METHOD_LR,
+    TASKS,
+    base_parser,
+    config_error,
+    emit,
+    fail,
+    finetune_config,
+)
 from jobs.tracking import (
     MlflowRun,
     add_tracking_flags,
@@ -312,33 +321,15 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     # the argv it was given: jobs/experiments.py calls main() in its own process
     a.command = "python jobs/sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    from lora_diffusion.config import FinetuneConfig, apply_overrides
-    from lora_diffusion.methods import METHODS
+    from lora_diffusion.config import apply_overrides
 
     space = load_space(a.space)
     a.metric = a.metric or space_metric(space, a.holdout)
     name = a.name or space["name"]
     mode = a.mode or space.get("mode", "max")
-    base_cfg = FinetuneConfig(
-        base=a.base,
-        output_dir=a.output_dir,
-        task=a.task,
-        method=a.method,
-        data_dir=a.data_dir,
-        train_limit=a.train_limit,
-        eval_limit=a.eval_limit,
-        holdout=a.holdout,
-    )
-    train = dataclasses.replace(
-        base_cfg.train,
-        lr=METHODS.get(a.method).default_lr,
-        batch_size=a.batch_size,
-        eval_every=a.eval_every,
-        seed=a.seed,
-        **({"max_steps": a.max_steps} if a.max_steps else {}),
-    )
+    base_cfg = finetune_config(a, holdout=a.holdout, train={"eval_every": a.eval_every})
     try:
-        base_cfg = apply_overrides(dataclasses.replace(base_cfg, train=train), a.overrides)
+        base_cfg = apply_overrides(base_cfg, a.overrides)
     except (KeyError, ValueError) as e:
         fail(config_error(e))
     # Tune runs each trial in its own working directory

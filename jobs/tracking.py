@@ -225,6 +225,8 @@ class MlflowRun:
             return None
 
     def log_params(self, params: dict) -> None:
+        if not self.active:
+            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -232,6 +234,8 @@ class MlflowRun:
             self._guard("params", self.client.log_batch, self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: dict) -> None:
+        if not self.active:
+            return
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
@@ -239,6 +243,8 @@ class MlflowRun:
 
     def log_metrics(self, metrics: dict, step: int = 0) -> None:
         """The numbers in `metrics` at `step` (a training loop's `report` callback)."""
+        if not self.active:
+            return
         import time
 
         from mlflow.entities import Metric
@@ -252,10 +258,14 @@ class MlflowRun:
         self.log_metrics(metrics, step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
         self._guard("artifacts", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_run_files(self, result: dict, out_dir: str | Path, dirs=("plots",)) -> None:
         """A finished job's results as metrics (at its last step) and its files as artifacts."""
+        if not self.active:
+            return
         self.log_metrics(result, step=int(result.get("steps", 0)))
         out = Path(out_dir)
         for name in RUN_FILES:
@@ -411,25 +421,28 @@ def load_registered_adaptor(model_uri: str, base: str | None = None):
     return build_denoiser(base, paths.get("adaptor"), config.get("task"))
 
 
+def lineage_tags(cfg, adaptor_dir: str, base_name: str | None = None, search=True) -> dict:
+    """An adaptor version's tags: task, method, and the base it was trained on (its fingerprint,
+    and the registered base of that fingerprint when `search` finds one)."""
+    from lora_diffusion.methods import read_method_config
+
+    fingerprint = read_method_config(adaptor_dir).get("base_fingerprint")
+    found = find_base_version(fingerprint, base_name) if search else (base_name, None)
+    tags = {"task": cfg.task, "method": cfg.method, "base_fingerprint": fingerprint}
+    return {**tags, "base_name": found[0], "base_version": found[1]}
+
+
 def track_adaptor(tracker: Tracker, a, cfg, result: dict) -> dict:
     """After `finetune`: log the run's results and files and the adaptor model (with its base
     copied in, or referenced with --base-artifact reference); register it with --register."""
     if not tracker.active:
         return {}
-    from lora_diffusion.methods import read_method_config
 
     tracker.log_run_files(result, cfg.output_dir)
     adaptor_dir = result["adaptor_dir"]
-    fingerprint = read_method_config(adaptor_dir).get("base_fingerprint")
-    lineage = tracker._guard("lineage", find_base_version, fingerprint, a.base_model_name)
-    base_name, base_version = lineage or (a.base_model_name, None)
-    tags = {
-        "task": cfg.task,
-        "method": cfg.method,
-        "base_fingerprint": fingerprint,
-        "base_name": base_name,
-        "base_version": base_version,
-    }
+    tags = tracker._guard("lineage", lineage_tags, cfg, adaptor_dir, a.base_model_name)
+    tags = tags or lineage_tags(cfg, adaptor_dir, a.base_model_name, search=False)
+    base_name, base_version = tags["base_name"], tags["base_version"]
     tracker.set_tags(tags)
     tags.update({k: v for k, v in result.items() if k.startswith("eval_") and _scalar(v)})
     artifacts = {"adaptor": adaptor_dir}
@@ -459,19 +472,8 @@ def register_run_adaptor(
     `track_adaptor`'s versions, with `alias`."""
     import mlflow
 
-    from lora_diffusion.methods import read_method_config
-
     mlflow.set_tracking_uri(uri)  # find_base_version and register read it
-    fingerprint = read_method_config(adaptor_dir).get("base_fingerprint")
-    base_name, base_version = find_base_version(fingerprint)
-    tags = {
-        "task": cfg.task,
-        "method": cfg.method,
-        "base_fingerprint": fingerprint,
-        "base_name": base_name,
-        "base_version": base_version,
-        **(extra_tags or {}),
-    }
+    tags = {**lineage_tags(cfg, adaptor_dir), **(extra_tags or {})}
     artifacts = {"adaptor": str(adaptor_dir)}
     if Path(cfg.base).is_dir():
         artifacts["base"] = str(Path(cfg.base).resolve())

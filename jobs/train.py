@@ -25,6 +25,7 @@ from jobs.common import (
     config_error,
     emit,
     fail,
+    finetune_config,
 )
 from jobs.tracking import (
     MlflowRun,
@@ -101,30 +102,16 @@ def parse_args(argv=None):
 
 def build_config(a):
     """The run's `FinetuneConfig` from its flags; --set overrides last."""
-    from lora_diffusion.config import FinetuneConfig, apply_overrides
-    from lora_diffusion.methods import METHODS
+    from lora_diffusion.config import apply_overrides
 
-    cfg = FinetuneConfig(
-        base=a.base,
-        output_dir=a.output_dir,
-        task=a.task,
-        method=a.method,
-        data_dir=a.data_dir,
-        train_limit=a.train_limit,
-        eval_limit=a.eval_limit,
+    cfg = finetune_config(
+        a,
+        lr=a.lr,
         eval_steps=a.eval_steps,
         checkpoint_every=a.checkpoint_every,
         resume_from=a.resume_from,
         threads=a.threads,
     )
-    train = dataclasses.replace(
-        cfg.train,
-        lr=a.lr if a.lr is not None else METHODS.get(a.method).default_lr,
-        batch_size=a.batch_size,
-        seed=a.seed,
-        **({"max_steps": a.max_steps} if a.max_steps else {}),
-    )
-    cfg = dataclasses.replace(cfg, train=train)
     flags = [f"adaptor.ranks={a.ranks}"] if a.ranks else []
     flags += [f"adaptor.k={a.k}"] if a.k else []
     knobs = {
@@ -140,12 +127,14 @@ def build_config(a):
 def main(argv=None) -> dict:
     a = parse_args(argv)  # first: --help and flag errors answer before torch is imported
     from lora_diffusion.finetune import finetune
+    from lora_diffusion.methods import METHODS
 
     raytrain.check_flags(a)
-    if a.strategy == "fsdp" and a.method != "lora_diffusion":
+    if a.strategy == "fsdp" and not METHODS.get(a.method).frozen_base:
+        frozen = ", ".join(m for m in METHODS.names() if METHODS.get(m).frozen_base)
         fail(
-            f"--strategy fsdp shards the frozen base: it needs --method lora_diffusion "
-            f"(the base of {a.method!r} is not whole and frozen); use --strategy ddp"
+            f"--strategy fsdp shards the frozen base: it needs a method that leaves the base "
+            f"whole and frozen ({frozen}), not {a.method!r}; use --strategy ddp"
         )
     try:
         cfg = build_config(a)

@@ -56,5 +56,6 @@ register(
         label="LoRA-Diffusion",
         run_name_knobs=(("r", "adaptor.ranks"), ("k", "adaptor.k")),
         in_paper=True,
+        frozen_base=True,
     )
 )

@@ -7,6 +7,7 @@
     run_name_knobs  (short, config path) pairs naming a run: ("r", "baselines.lora_rank") -> r8
     label           the method's name in prose, tables and plots
     in_paper        one of the methods the paper compares (jobs/experiments.py's methods stage)
+    frozen_base     the base stays whole and frozen (the method only reads it): FSDP may shard it
 
 Each method module calls `register(Method(...))` on import, and `lora_diffusion/__init__.py`
 imports every method module, so `METHODS` is complete wherever it can be reached (peft registers
@@ -57,6 +58,7 @@ class Method:
     label: str
     run_name_knobs: tuple[tuple[str, str], ...] = ()
     in_paper: bool = False
+    frozen_base: bool = False
 
     def run_name_parts(self, cfg: FinetuneConfig) -> list[str]:
         """The knobs' parts of a run name: ("r", "adaptor.ranks") -> "r64" or "r64.32.8"."""

@@ -172,6 +172,18 @@ def test_a_logging_failure_mid_run_warns_once_and_keeps_the_results(tmp_path, mo
     assert done.info.status == "FINISHED" and done.data.metrics == {"loss": 2.0}
 
 
+def test_a_run_with_tracking_off_takes_every_call_and_logs_nothing(tmp_path):
+    run = MlflowRun()  # --no-tracking, or a worker other than rank 0
+    run.log_params({"a": 1})
+    run.set_tags({"b": "c"})
+    run.report(1, {"loss": 1.0})
+    run.log_artifact(tmp_path)
+    run.log_run_files({"steps": 1, "loss": 1.0}, tmp_path)
+    run.end()
+    assert not run.active and run.spec() is None and run.outcome() == {}
+    assert MlflowRun.attach(None).spec() is None
+
+
 def test_numbers_of_a_result_become_metrics_and_nothing_else():
     from jobs.tracking import metrics_of
 
