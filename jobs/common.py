@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 # is made here too.
 TASKS = ("agnews", "cola", "sst2", "trec")  # lora_diffusion.tasks.TASKS
 METHOD_LR = {  # lora_diffusion.methods.METHODS, each with its Method.default_lr
-    "lora_diffusion": 2e-3,
+    "lora_diffusion": 1e-3,
     "full": 1e-4,
     "weight_lora": 1e-3,
     "adapters": 1e-3,

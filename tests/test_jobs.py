@@ -50,7 +50,7 @@ def test_help_states_the_real_values_of_steps_ranks_and_k():
     assert "--max-steps MAX_STEPS optimizer steps (default: 1000)" in text
     assert "rank per phase (default: 64)" in text
     assert "modules per phase (default: 2)" in text
-    assert "lora_diffusion 0.002" in text  # the method's learning rate
+    assert "lora_diffusion 0.001" in text  # the method's learning rate
 
 
 def test_what_help_states_about_the_library_is_what_the_library_holds():

@@ -72,8 +72,8 @@ def test_train_run_logs_config_curves_files_and_a_registered_version(tracked):
     run = client.get_run(result["mlflow_run_id"])
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.name == "lora-diffusion/sst2"
-    assert run.info.run_name == "lora_diffusion-sst2-r4-k2-lr0.002"
-    assert run.data.params["train.lr"] == "0.002" and run.data.params["adaptor.k"] == "2"
+    assert run.info.run_name == "lora_diffusion-sst2-r4-k2-lr0.001"
+    assert run.data.params["train.lr"] == "0.001" and run.data.params["adaptor.k"] == "2"
     assert run.data.tags["workers"] == "1" and run.data.tags["torch_version"]
     history = json.loads((out / "history.json").read_text())
     losses = client.get_metric_history(run.info.run_id, "loss")
