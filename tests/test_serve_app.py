@@ -54,7 +54,7 @@ def register_adaptor(store: str, base_dir: Path, base, task: str, seed: int, out
         mlflow.log_metric("eval_accuracy", 0.5)
     cfg = SimpleNamespace(task=task, method="lora_diffusion", base=str(base_dir))
     version = register_run_adaptor(
-        run.info.run_id, str(out), cfg, f"{task}-ld", "production", {"eval_accuracy": 0.5}
+        store, run.info.run_id, str(out), cfg, f"{task}-ld", "production", {"eval_accuracy": 0.5}
     )
     return int(version.version)
 
