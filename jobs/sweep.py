@@ -581,7 +581,6 @@ def _parent_run(uri: str, a, name: str, space: dict) -> MlflowRun:
     run.log_params(
         {"space": searched, "task": a.task, "method": a.method, "num_samples": a.num_samples}
     )
-    run.experiment = experiment
     return run
 
 
@@ -596,7 +595,7 @@ def _finish_parent(parent: MlflowRun, out: Path, best, a, name, base_cfg) -> dic
     if best:
         parent.log_metrics({f"best_{a.metric}": best["score"]})
         parent.set_tags({"best_trial_run_id": best["mlflow_run_id"]})
-    if best and best["adaptor_dir"] and best["mlflow_run_id"] and parent.active:
+    if best and best["adaptor_dir"] and best["mlflow_run_id"]:
         model_name = a.register or f"{a.task}-{a.method}"
         alias, trial_run_id = f"best-{name}", best["mlflow_run_id"]
         v = parent._guard(

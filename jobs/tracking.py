@@ -166,8 +166,10 @@ class MlflowRun:
     warns once and logs nothing more: logging must never cost the results of a run (they are
     on disk already). A run with no `uri` (tracking off, or not rank 0) logs nothing."""
 
-    def __init__(self, uri: str | None = None, run_id: str | None = None) -> None:
-        self.uri, self.run_id = uri, run_id
+    def __init__(
+        self, uri: str | None = None, run_id: str | None = None, experiment: str | None = None
+    ) -> None:
+        self.uri, self.run_id, self.experiment = uri, run_id, experiment
         self.failed: str | None = None
         self.out_dir: str | None = None  # named in the warning: where the results still are
         self.client = None
@@ -198,7 +200,8 @@ class MlflowRun:
         tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
         if parent:
             tags["mlflow.parentRunId"] = parent
-        return cls(uri, client.create_run(exp_id, run_name=name, tags=tags).info.run_id)
+        run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+        return cls(uri, run_id, experiment)
 
     @classmethod
     def attach(cls, spec: dict | None) -> MlflowRun:
@@ -224,48 +227,43 @@ class MlflowRun:
             print(f"warning: MLflow logging stopped ({self.failed}){where}", file=sys.stderr)
             return None
 
+    def _call(self, what: str, method: str, *args, **kwargs):
+        """`MlflowClient.<method>(run_id, ...)`, guarded; nothing when logging is off."""
+        if self.active:
+            self._guard(what, getattr(self.client, method), self.run_id, *args, **kwargs)
+
     def log_params(self, params: dict) -> None:
-        if not self.active:
-            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # the store's per-request limit
-            self._guard("params", self.client.log_batch, self.run_id, params=items[i : i + 100])
+            self._call("params", "log_batch", params=items[i : i + 100])
 
     def set_tags(self, tags: dict) -> None:
-        if not self.active:
-            return
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
-        self._guard("tags", self.client.log_batch, self.run_id, tags=items)
+        self._call("tags", "log_batch", tags=items)
 
     def log_metrics(self, metrics: dict, step: int = 0) -> None:
         """The numbers in `metrics` at `step` (a training loop's `report` callback)."""
-        if not self.active:
-            return
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step) for k, v in metrics_of(metrics).items()]
-        self._guard("metrics", self.client.log_batch, self.run_id, metrics=batch)
+        self._call("metrics", "log_batch", metrics=batch)
 
     def report(self, step: int, metrics: dict) -> None:
         """The training loop's callback: every logged step's metrics, at that step."""
         self.log_metrics(metrics, step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if not self.active:
-            return
-        self._guard("artifacts", self.client.log_artifact, self.run_id, str(path), artifact_path)
+        self._call("artifacts", "log_artifact", str(path), artifact_path)
 
     def log_run_files(self, result: dict, out_dir: str | Path, dirs=("plots",)) -> None:
         """A finished job's results as metrics (at its last step) and its files as artifacts."""
-        if not self.active:
-            return
         self.log_metrics(result, step=int(result.get("steps", 0)))
         out = Path(out_dir)
         for name in RUN_FILES:
@@ -273,8 +271,7 @@ class MlflowRun:
                 self.log_artifact(out / name)
         for sub in dirs:
             if (out / sub).is_dir():
-                upload = self.client.log_artifacts
-                self._guard("artifacts", upload, self.run_id, str(out / sub), sub)
+                self._call("artifacts", "log_artifacts", str(out / sub), sub)
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run ended: FINISHED, FAILED (the job raised) or KILLED."""
@@ -421,13 +418,13 @@ def load_registered_adaptor(model_uri: str, base: str | None = None):
     return build_denoiser(base, paths.get("adaptor"), config.get("task"))
 
 
-def lineage_tags(cfg, adaptor_dir: str, base_name: str | None = None, search=True) -> dict:
+def lineage_tags(cfg, adaptor_dir: str, base_name: str | None = None) -> dict:
     """An adaptor version's tags: task, method, and the base it was trained on (its fingerprint,
-    and the registered base of that fingerprint when `search` finds one)."""
+    and the registered base of that fingerprint when there is one)."""
     from lora_diffusion.methods import read_method_config
 
     fingerprint = read_method_config(adaptor_dir).get("base_fingerprint")
-    found = find_base_version(fingerprint, base_name) if search else (base_name, None)
+    found = find_base_version(fingerprint, base_name)
     tags = {"task": cfg.task, "method": cfg.method, "base_fingerprint": fingerprint}
     return {**tags, "base_name": found[0], "base_version": found[1]}
 
@@ -441,7 +438,8 @@ def track_adaptor(tracker: Tracker, a, cfg, result: dict) -> dict:
     tracker.log_run_files(result, cfg.output_dir)
     adaptor_dir = result["adaptor_dir"]
     tags = tracker._guard("lineage", lineage_tags, cfg, adaptor_dir, a.base_model_name)
-    tags = tags or lineage_tags(cfg, adaptor_dir, a.base_model_name, search=False)
+    if tags is None:  # the store failed: logging has stopped, nothing more to log
+        return {}
     base_name, base_version = tags["base_name"], tags["base_version"]
     tracker.set_tags(tags)
     tags.update({k: v for k, v in result.items() if k.startswith("eval_") and _scalar(v)})
