@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,7 +68,7 @@ class HelpFormatter(argparse.HelpFormatter):
 class JobParser(argparse.ArgumentParser):
     """A job's flags. An error is one line and a hint, as the jobs' own errors are; parsing
     imports nothing heavy, and the library is imported only after it (for --data-dir's
-    default)."""
+    default). `parse_args` returns the job's arguments dataclass (`args_class`)."""
 
     def __init__(self, description: str):
         super().__init__(description=description, formatter_class=HelpFormatter)
@@ -75,12 +78,86 @@ class JobParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
     def parse_args(self, args=None, namespace=None):
-        a = super().parse_args(args, namespace)
+        return self.args_class(**vars(super().parse_args(args, namespace)))
+
+    @functools.cached_property
+    def args_class(self) -> type:
+        """The job's `JobArgs` dataclass (made once, after every flag is added); its `parse`
+        is this parser's `parse_args`."""
+        return job_args(self)
+
+
+class JobArgs:
+    """A job's arguments as a dataclass, one field per flag (`job_args` makes the class).
+
+    The command line and Python callers (jobs/experiments.py) reach a job the same way:
+    `train.run(train.Args(base=..., output_dir=..., method="bitfit"))` is checked as the flags
+    are (a required flag missing, an unknown name, a value outside its choices or of the wrong
+    type: exit 2 naming it), with every other field at its flag's default, and `argv()` gives
+    the command line that reruns it."""
+
+    _actions: tuple[argparse.Action, ...] = ()
+    parse: Callable[[list[str] | None], JobArgs]  # the command line's arguments
+
+    def __post_init__(self) -> None:
+        for action in self._actions:
+            value = getattr(self, action.dest)
+            if value is None or value is action.default:
+                continue
+            number = {int: int, float: int | float}.get(action.type)
+            if number and (isinstance(value, bool) or not isinstance(value, number)):
+                fail(f"{_flag(action)}: expected {action.type.__name__}, got {value!r}")
+            if action.choices is not None and value not in action.choices:
+                known = ", ".join(map(str, action.choices))
+                fail(f"{_flag(action)}: invalid choice {value!r} (choose from {known})")
         for key, value in QUIET_ENV.items():
             os.environ.setdefault(key, value)
-        if getattr(a, "data_dir", "") is None:
-            a.data_dir = default_data_dir()
-        return a
+        if getattr(self, "data_dir", "") is None:
+            self.data_dir = default_data_dir()
+
+    def argv(self, leave_out: tuple[str, ...] = ()) -> list[str]:
+        """The flags that give these arguments, those at their default left out."""
+        out = []
+        for action in self._actions:
+            value = getattr(self, action.dest)
+            if action.dest in leave_out or (value == action.default and not action.required):
+                continue
+            flag = _flag(action)
+            if isinstance(action, argparse._StoreTrueAction):
+                out += [flag] if value else []
+            elif isinstance(action, argparse._AppendAction):
+                out += [x for v in value for x in (flag, str(v))]
+            elif value == action.const and action.nargs == "?":
+                out.append(flag)
+            else:
+                out += [flag, str(value)]
+        return out
+
+
+def job_args(parser: argparse.ArgumentParser) -> type:
+    """The keyword-only `JobArgs` dataclass of `parser`'s flags: a field per flag (its dest),
+    defaulting to the flag's default; a required flag's field is required."""
+    actions = tuple(a for a in parser._actions if a.default is not argparse.SUPPRESS)
+    fields = []
+    for action in actions:
+        if action.required:
+            spec = dataclasses.field()
+        elif isinstance(action.default, list):
+            spec = dataclasses.field(default_factory=list(action.default).copy)
+        else:
+            spec = dataclasses.field(default=action.default)
+        fields.append((action.dest, object, spec))
+    return dataclasses.make_dataclass(
+        "Args",
+        fields,
+        bases=(JobArgs,),
+        namespace={"_actions": actions, "parse": staticmethod(parser.parse_args)},
+        kw_only=True,
+    )
+
+
+def _flag(action: argparse.Action) -> str:
+    return max(action.option_strings, key=len)
 
 
 def default_data_dir() -> str:

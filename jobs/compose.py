@@ -12,7 +12,7 @@ from __future__ import annotations
 from jobs.common import base_parser, emit, fail
 
 
-def parse_args(argv=None):
+def parser():
     p = base_parser(__doc__.splitlines()[0], training=False)
     p.add_argument("--base", required=True, help="base model folder (or hub id)")
     p.add_argument(
@@ -28,13 +28,17 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default=None, help="tasks to evaluate (default: every adaptor's)")
     p.add_argument("--eval-limit", type=int, default=200, help="eval examples per task")
     p.add_argument("--output", default=None, help="also write the results to this JSON file")
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv=None) -> dict:
+Args = parser().args_class  # the flags as a dataclass: run(Args(...)) from Python
+parse_args = Args.parse
+
+
+def run(a: Args) -> dict:
+    """Evaluate each adaptor alone and inside the merge (`a`: the job's flags)."""
     import json
 
-    a = parse_args(argv)  # first: --help and flag errors answer before torch is imported
     from lora_diffusion.adaptor_io import AdaptorFileError, load_adaptor, load_router
     from lora_diffusion.models import load_base
     from lora_diffusion.multitask import composition_interference, parse_task_dirs
@@ -78,6 +82,10 @@ def main(argv=None) -> dict:
             json.dump(result, f, indent=2)
     emit(result, a.json)
     return result
+
+
+def main(argv=None) -> dict:
+    return run(parse_args(argv))  # first: --help and flag errors answer before torch loads
 
 
 if __name__ == "__main__":

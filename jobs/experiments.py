@@ -27,6 +27,7 @@ full set; any knob below overrides the scale's value.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shlex
 import sys
@@ -127,25 +128,39 @@ class Runner:
         self.results: list[dict] = []
         self.started = time.time()
 
-    def common(self, study: str) -> list[str]:
+    def tracked(self, study: str) -> dict:
+        """The arguments of every job that logs runs: the store, experiment and study tag."""
         a = self.a
-        flags = ["--tracking-uri", self.uri_flag, "--experiment", a.experiment, "--tag",
-                 f"study={study}", "--data-dir", a.data_dir]  # fmt: skip
-        return flags
+        return {
+            "tracking_uri": self.uri_flag,
+            "experiment": a.experiment,
+            "tags": [f"study={study}"],
+            "data_dir": a.data_dir,
+        }
 
-    def training(self) -> list[str]:
+    def training(self) -> dict:
+        """The arguments every training job shares: this process, no bar, the scale's budget."""
         a = self.a
-        flags = ["--no-ray", "--no-progress", "--max-steps", str(a.max_steps),
-                 "--eval-limit", str(a.eval_limit), "--base-artifact", "reference",
-                 "--json"]  # fmt: skip
-        flags += ["--batch-size", str(a.batch_size)] if a.batch_size else []
-        flags += ["--threads", str(a.threads)] if a.threads else []
-        for o in a.overrides:
-            flags += ["--set", o]
-        return flags
+        given = {"batch_size": a.batch_size, "threads": a.threads}
+        return {
+            "no_ray": True,
+            "no_progress": True,
+            "max_steps": a.max_steps,
+            "eval_limit": a.eval_limit,
+            "base_artifact": "reference",
+            "json": True,
+            "overrides": list(a.overrides),
+            **{k: v for k, v in given.items() if v is not None},
+        }
 
-    def job(self, label: str, main, argv: list[str], done: Path | None) -> dict | None:
-        """Run `main(argv)` unless `done` exists (a finished earlier run: its JSON is kept)."""
+    def call(self, label: str, job, args, done: Path | None) -> dict | None:
+        """`job.run(args)` (a job module and its `Args`), recorded with the command that reruns
+        it alone."""
+        script = f"python jobs/{job.__name__.rsplit('.', 1)[-1]}.py "
+        return self.job(label, lambda: job.run(args), done, script + shlex.join(args.argv()))
+
+    def job(self, label: str, work, done: Path | None, command: str = "") -> dict | None:
+        """Run `work()` unless `done` exists (a finished earlier run: its JSON is kept)."""
         n = len(self.results) + 1
         elapsed = time.time() - self.started
         if done is not None and done.is_file():
@@ -157,21 +172,22 @@ class Runner:
         start = time.time()
         import mlflow
 
+        record = {"job": label, **({"command": command} if command else {})}
         previous_uri = mlflow.get_tracking_uri()  # jobs set it process-wide; put it back after
         try:
-            result = main(argv)
+            result = work()
         except SystemExit as e:  # a job's clear error: reported, the others go on
-            self.results.append({"job": label, "status": "failed", "exit": e.code})
+            self.results.append({**record, "status": "failed", "exit": e.code})
             print(f"[{n}] {label}: FAILED (exit {e.code})", flush=True)
             return None
         except Exception as e:  # noqa: BLE001 - one broken job must not cost the others
-            self.results.append({"job": label, "status": "failed", "error": repr(e)[:500]})
+            self.results.append({**record, "status": "failed", "error": repr(e)[:500]})
             print(f"[{n}] {label}: FAILED ({e!r})", flush=True)
             return None
         finally:
             mlflow.set_tracking_uri(previous_uri)
         seconds = time.time() - start
-        self.results.append({"job": label, "status": "ok", "seconds": round(seconds, 1)})
+        self.results.append({**record, "status": "ok", "seconds": round(seconds, 1)})
         print(f"[{n}] {label}: {seconds:.0f} s", flush=True)
         return result
 
@@ -179,31 +195,34 @@ class Runner:
         """Whether the last job ran now and finished (not skipped, not failed)."""
         return bool(self.results) and self.results[-1]["status"] == "ok"
 
-    def train(self, label: str, study: str, out: Path, *flags: str, base: str = "") -> dict | None:
+    def train(self, label: str, study: str, out: Path, base: str = "", **fields) -> dict | None:
+        """A jobs/train.py run of `fields` on `base` (default --base), in `out`."""
         from jobs import train
 
-        argv = ["--base", base or self.a.base, "--output-dir", str(out), *flags,
-                *self.common(study), *self.training()]  # fmt: skip
-        return self.job(label, train.main, argv, out / "metrics.json")
+        args = train.Args(
+            base=base or self.a.base,
+            output_dir=str(out),
+            **self.tracked(study),
+            **self.training(),
+            **fields,
+        )
+        return self.call(label, train, args, out / "metrics.json")
 
 
 def stage_methods(r: Runner) -> None:
     a = r.a
-    for method in split(a.methods):
-        for seed in split(a.seeds):
-            out = r.out / "methods" / f"{method}-s{seed}"
-            limit = ["--train-limit", str(a.train_limit)] if a.train_limit else []
-            r.train(f"methods: {method} seed {seed}", "methods", out, "--method", method,
-                    "--task", a.task, "--seed", seed, *limit)  # fmt: skip
+    for method, seed in itertools.product(split(a.methods), split(a.seeds)):
+        out = r.out / "methods" / f"{method}-s{seed}"
+        run = {"method": method, "task": a.task, "seed": int(seed), "train_limit": a.train_limit}
+        r.train(f"methods: {method} seed {seed}", "methods", out, **run)
 
 
 def stage_data_size(r: Runner) -> None:
     a = r.a
-    for n in split(a.data_sizes):
-        for method in split(a.data_methods):
-            out = r.out / "data_size" / f"{method}-n{n}"
-            r.train(f"data size: {method} n={n}", "data_size", out, "--method", method,
-                    "--task", a.task, "--train-limit", n)  # fmt: skip
+    for n, method in itertools.product(split(a.data_sizes), split(a.data_methods)):
+        out = r.out / "data_size" / f"{method}-n{n}"
+        run = {"method": method, "task": a.task, "train_limit": int(n)}
+        r.train(f"data size: {method} n={n}", "data_size", out, **run)
 
 
 def stage_ablations(r: Runner) -> None:
@@ -213,16 +232,22 @@ def stage_ablations(r: Runner) -> None:
     root = Path(__file__).resolve().parent.parent / "tune_spaces"
     for space in split(a.spaces):
         out = r.out / "ablations" / space
-        argv = ["--space", str(root / f"{space}.yaml"), "--task", a.task, "--base", a.base,
-                "--output-dir", str(out), "--max-steps", str(a.max_steps), "--eval-limit",
-                str(a.eval_limit), "--scheduler", "none", "--json",
-                # no early stopping, so one evaluation at the end (sweep.py's default of
-                # every 50 steps would evaluate each trial 8 times at the full scale)
-                "--eval-every", str(a.max_steps),
-                *r.common("ablations")]  # fmt: skip
-        for o in a.overrides:
-            argv += ["--set", o]
-        r.job(f"ablations: {space}", sweep.main, argv, out / "trials.json")
+        args = sweep.Args(
+            space=str(root / f"{space}.yaml"),
+            task=a.task,
+            base=a.base,
+            output_dir=str(out),
+            max_steps=a.max_steps,
+            eval_limit=a.eval_limit,
+            scheduler="none",
+            # no early stopping, so one evaluation at the end (sweep.py's default of every 50
+            # steps would evaluate each trial 8 times at the full scale)
+            eval_every=a.max_steps,
+            json=True,
+            overrides=list(a.overrides),
+            **r.tracked("ablations"),
+        )
+        r.call(f"ablations: {space}", sweep, args, out / "trials.json")
 
 
 def stage_bases(r: Runner) -> None:
@@ -234,8 +259,7 @@ def stage_bases(r: Runner) -> None:
         for method in split(a.base_methods):
             name = Path(base).parent.name if Path(base).name == "model" else Path(base).name
             out = r.out / "bases" / f"{i}-{name}-{method}"
-            r.train(f"bases: {method} on {base}", "bases", out, "--method", method, "--task",
-                    a.task, base=base)  # fmt: skip
+            r.train(f"bases: {method} on {base}", "bases", out, base, method=method, task=a.task)
 
 
 def stage_tasks(r: Runner) -> None:
@@ -248,34 +272,37 @@ def stage_tasks(r: Runner) -> None:
     dirs = {}
     for task in tasks:
         out = r.out / "tasks" / task
-        limit = ["--train-limit", str(a.train_limit)] if a.train_limit else []
-        if r.train(f"tasks: lora_diffusion on {task}", "tasks", out, "--method",
-                   "lora_diffusion", "--task", task, *limit) is not None:  # fmt: skip
+        label = f"tasks: lora_diffusion on {task}"
+        if r.train(label, "tasks", out, task=task, train_limit=a.train_limit) is not None:
             dirs[task] = out / "adaptor"
     if len(dirs) < 2:
         print("tasks: fewer than two task adaptors trained; no composition", flush=True)
         return
-    adaptors = [x for task, d in dirs.items() for x in ("--adaptor", f"{task}={d}")]
-    data = ["--data-dir", a.data_dir, "--eval-limit", str(a.eval_limit), "--json"]
+    adaptors = [f"{task}={d}" for task, d in dirs.items()]
+    data = {"data_dir": a.data_dir, "eval_limit": a.eval_limit, "json": True}
     out = r.out / "tasks" / "compose.json"
-    result = r.job("tasks: zero-shot merge (uniform weights)", compose.main,
-                   ["--base", a.base, *adaptors, *data, "--output", str(out)], out)  # fmt: skip
+    args = compose.Args(base=a.base, adaptor=adaptors, output=str(out), **data)
+    result = r.call("tasks: zero-shot merge (uniform weights)", compose, args, out)
     if r.ran():
         log_result(r, "zero-shot merge", "compose", result, out)
     mt_out = r.out / "tasks" / "router"
-    argv = ["--base", a.base, "--tasks", ",".join(dirs), *adaptors, "--router-only",
-            "--output-dir", str(mt_out), "--max-steps", str(a.max_steps), "--no-progress",
-            *data]  # fmt: skip
-    result = r.job(
-        "tasks: router over the task adaptors", multitask.main, argv, mt_out / "metrics.json"
+    args = multitask.Args(
+        base=a.base,
+        tasks=",".join(dirs),
+        adaptor=adaptors,
+        router_only=True,
+        output_dir=str(mt_out),
+        max_steps=a.max_steps,
+        no_progress=True,
+        **data,
     )
+    label = "tasks: router over the task adaptors"
+    result = r.call(label, multitask, args, mt_out / "metrics.json")
     if r.ran():
         log_result(r, "router composition", "multitask", result, mt_out / "metrics.json")
     fig = r.out / "tasks" / "perturbations_tsne.png"
     done = r.out / "tasks" / "tsne.json"
-    result = r.job(
-        "tasks: t-SNE of trajectory perturbations", lambda _: tsne(r, dirs, fig), [], done
-    )
+    result = r.job("tasks: t-SNE of trajectory perturbations", lambda: tsne(r, dirs, fig), done)
     if r.ran():
         done.write_text(json.dumps(result, indent=2))
         log_result(r, "trajectory perturbations", "analysis", result, done, [fig])
@@ -321,9 +348,14 @@ def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
 def stage_report(r: Runner) -> None:
     from jobs import report
 
-    argv = ["--experiment", r.a.experiment, "--tracking-uri", r.uri_flag, "--output-dir",
-            r.a.report_dir, "--made-by", r.command, "--json"]  # fmt: skip
-    r.job("report", report.main, argv, None)
+    args = report.Args(
+        experiment=[r.a.experiment],
+        tracking_uri=r.uri_flag,
+        output_dir=r.a.report_dir,
+        made_by=r.command,
+        json=True,
+    )
+    r.call("report", report, args, None)
 
 
 def main(argv=None) -> dict:

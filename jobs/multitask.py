@@ -11,7 +11,7 @@ import dataclasses
 from jobs.common import MULTITASK_STEPS, base_parser, config_error, emit, fail
 
 
-def parse_args(argv=None):
+def parser():
     p = base_parser(__doc__.splitlines()[0], max_steps=MULTITASK_STEPS)
     p.add_argument("--base", required=True, help="base model folder (or hub id)")
     p.add_argument("--tasks", default="sst2,cola,trec,agnews", help="comma list, router order")
@@ -34,11 +34,15 @@ def parse_args(argv=None):
     p.add_argument("--eval-limit", type=int, default=200, help="eval examples per task")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv=None) -> dict:
-    a = parse_args(argv)  # first: --help and flag errors answer before torch is imported
+Args = parser().args_class  # the flags as a dataclass: run(Args(...)) from Python
+parse_args = Args.parse
+
+
+def run(a: Args) -> dict:
+    """Train the task adaptors and router `a` describes, then evaluate them."""
     from lora_diffusion.config import apply_overrides
     from lora_diffusion.multitask import MultitaskConfig, train_multitask
 
@@ -82,6 +86,10 @@ def main(argv=None) -> dict:
         print(f"  {task}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "n"))
     emit(result, a.json)
     return result
+
+
+def main(argv=None) -> dict:
+    return run(parse_args(argv))  # first: --help and flag errors answer before torch loads
 
 
 if __name__ == "__main__":

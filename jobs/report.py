@@ -67,7 +67,7 @@ BASE_KEYS = (
 BASE_COLUMNS = tuple(_BY_KEY[k] for k in BASE_KEYS)  # Table 12: a few of the columns above
 
 
-def parse_args(argv=None):
+def parser():
     p = base_parser(__doc__.splitlines()[0], training=False)
     p.add_argument("--experiment", action="append", required=True, metavar="NAME",
                    help="MLflow experiment to read (repeatable); the report run goes to "
@@ -80,7 +80,11 @@ def parse_args(argv=None):
     p.add_argument("--no-log", action="store_true", help="do not log a `report` run to MLflow")
     p.add_argument("--made-by", default="", metavar="COMMAND",
                    help="the command that made the runs, stated under the title")  # fmt: skip
-    return p.parse_args(argv)
+    return p
+
+
+Args = parser().args_class  # the flags as a dataclass: run(Args(...)) from Python
+parse_args = Args.parse
 
 
 # ---- reading runs -----------------------------------------------------------------------------
@@ -771,7 +775,15 @@ def main(argv=None) -> dict:
         i = args.index("--made-by")
         args = args[:i] + args[i + 2 :]
     args = [x for x in args if not x.startswith("--made-by=")]
-    command = "python jobs/report.py " + shlex.join(args)
+    return run(a, "python jobs/report.py " + shlex.join(args))
+
+
+def run(a: Args, command: str | None = None) -> dict:
+    """Write the report of `a`'s experiments; `command`, the one each table says rebuilds it,
+    defaults to `a`'s flags."""
+    command = command or "python jobs/report.py " + shlex.join(
+        a.argv(leave_out=("made_by", "data_dir", "json"))  # the data is not read; output: same
+    )
     uri = tracking_uri(a.tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         fail(f"no MLflow store at {uri} (pass --tracking-uri or set $MLFLOW_TRACKING_URI)")

@@ -250,7 +250,7 @@ def trial_run(spec: dict | None, name: str, params: dict, cfg) -> MlflowRun:
 # ---- the job ----------------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
+def parser():
     p = base_parser(__doc__.splitlines()[0], max_steps=FINETUNE_STEPS)
     p.add_argument("--space", required=True, help="a space file, e.g. tune_spaces/broad.yaml")
     p.add_argument("--base", required=True, help="base model folder")
@@ -314,14 +314,24 @@ def parse_args(argv=None):
         "register the best adaptor as a version of NAME (default "
         "<task>-<method>); its alias is best-<sweep>",
     )
-    return p.parse_args(argv)
+    return p
+
+
+Args = parser().args_class  # the flags as a dataclass: run(Args(...)) from Python
+parse_args = Args.parse
 
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    # the argv it was given: jobs/experiments.py calls main() in its own process
-    a.command = "python jobs/sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return run(a, "python jobs/sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv))
+
+
+def run(a: Args, command: str | None = None) -> dict:
+    """Run the sweep `a` describes; `command` (what the table names) defaults to its flags."""
     from lora_diffusion.config import apply_overrides
+
+    a = dataclasses.replace(a)  # the sweep notes what it derives on its own copy
+    a.command = command or "python jobs/sweep.py " + shlex.join(a.argv())
 
     space = load_space(a.space)
     a.metric = a.metric or space_metric(space, a.holdout)

@@ -38,7 +38,7 @@ from jobs.tracking import (
 )
 
 
-def parse_args(argv=None):
+def parser():
     p = base_parser(__doc__.splitlines()[0], max_steps=FINETUNE_STEPS)
     p.add_argument("--base", required=True, help="base model folder (or hub id)")
     p.add_argument(
@@ -97,7 +97,11 @@ def parse_args(argv=None):
         help="the adaptor model carries a copy of the base folder, or references it "
         "(the registered base's models:/ URI when found, else its path)",
     )
-    return p.parse_args(argv)
+    return p
+
+
+Args = parser().args_class  # the flags as a dataclass: run(Args(...)) from Python
+parse_args = Args.parse
 
 
 def build_config(a):
@@ -124,8 +128,8 @@ def build_config(a):
     return apply_overrides(cfg, flags + a.overrides)
 
 
-def main(argv=None) -> dict:
-    a = parse_args(argv)  # first: --help and flag errors answer before torch is imported
+def run(a: Args) -> dict:
+    """Train, evaluate, save and track one run (`a`: the job's flags, parsed or built)."""
     from lora_diffusion.finetune import finetune
     from lora_diffusion.methods import METHODS
 
@@ -215,6 +219,10 @@ def train_loop(config: dict) -> None:
     )
     result.update(raytrain.SHARD_STATS)
     raytrain.report_final(dist.rank, result, work / "output", work / "state")
+
+
+def main(argv=None) -> dict:
+    return run(parse_args(argv))  # first: --help and flag errors answer before torch loads
 
 
 if __name__ == "__main__":

@@ -134,7 +134,10 @@ def test_the_ablations_stage_lands_every_trial_in_the_relative_store_it_was_give
     sweeps = text.split("## Sweeps")[1].split("\n## ")[0]
     assert "### Sweep `table11_k`" in sweeps and sweeps.count("| finished |") == 4, sweeps
     table = (tmp_path / "runs" / "ablations" / "table11_k" / "table.md").read_text()
-    assert "Command: `python jobs/sweep.py --space " in table  # the sweep's argv, not the caller's
+    command = table.split("Command: `", 1)[1].split("`", 1)[0]  # the sweep's, not the caller's
+    assert command.startswith("python jobs/sweep.py ") and "--space " in command
+    assert f"--tracking-uri {uri} " in command and "--tag study=ablations" in command
+    assert result["jobs"][0]["command"] == command  # each job's record: the command that reruns it
     rebuild = "Rebuild: `python jobs/report.py --experiment lora-diffusion/paper --tracking-uri "
     rebuild += f"{uri} "
     assert rebuild in text  # as it was given: the report's commands name no machine's paths

@@ -101,6 +101,38 @@ def test_a_bad_set_key_is_named_without_stray_quotes(tmp_path):
     assert proc.stderr.startswith("error: unknown config key 'adaptor.bogus'"), proc.stderr
 
 
+def test_a_job_called_from_python_is_checked_as_its_flags_are_and_gives_them_back(capsys):
+    from jobs import train
+
+    argv = ["--base", "b", "--output-dir", "o", "--method", "bitfit", "--max-steps", "5",
+            "--set", "train.warmup_steps=1", "--register", "--tag", "a=1", "--tag", "b=2",
+            "--data-dir", "d", "--no-ray"]  # fmt: skip
+    built = train.Args(
+        base="b",
+        output_dir="o",
+        method="bitfit",
+        max_steps=5,
+        overrides=["train.warmup_steps=1"],
+        register="",
+        tags=["a=1", "b=2"],
+        data_dir="d",
+        no_ray=True,
+    )
+    assert train.parse_args(argv) == built
+    assert train.parse_args(built.argv()) == built  # the command that reruns it
+    assert built.batch_size == 32 and built.tags is not train.Args(base="b", output_dir="o").tags
+    for bad, says in [
+        ({"method": "nope"}, "--method: invalid choice 'nope'"),
+        ({"max_steps": "5"}, "--max-steps: expected int, got '5'"),
+        ({"batch_size": True}, "--batch-size: expected int, got True"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            train.Args(base="b", output_dir="o", **bad)
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    with pytest.raises(TypeError, match="bogus"):
+        train.Args(base="b", output_dir="o", bogus=1)
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, data_dir, ray_cluster):
     out = tmp_path_factory.mktemp("pretrain")
