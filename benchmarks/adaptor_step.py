@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 
 import torch
+from side_by_side import add_ratios, measure_apart
 
 KINDS = ("base_forward", "adaptor_step", "full_ft_step")
 
@@ -115,21 +114,15 @@ def main() -> None:
     if a.measure:
         print(json.dumps(measure(a.measure, *args)))
         return
-    rows = {}
-    for kind in KINDS:
-        cmd = [sys.executable, __file__, "--measure", kind, "--preset", a.preset,
-               "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
-               "--reps", str(a.reps), "--device", a.device]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows[kind] = json.loads(out.strip().splitlines()[-1])
-    ref = rows["base_forward"]
+    rows = measure_apart(__file__, KINDS, a, ("preset", "batch_size", "seq_len", "reps", "device"))
+    add_ratios(rows, "base_forward")
     print(f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} device={a.device}")
     print(f"{'':14} {'s/call':>9} {'peak MB':>9} {'time x':>8} {'mem x':>8}")
     for kind, r in rows.items():
-        tx = r["seconds"] / ref["seconds"]
-        mx = r["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else float("nan")
-        r.update(time_ratio=tx, mem_ratio=mx)
-        print(f"{kind:14} {r['seconds']:9.4f} {r['peak_mb']:9.1f} {tx:8.2f} {mx:8.2f}")
+        print(
+            f"{kind:14} {r['seconds']:9.4f} {r['peak_mb']:9.1f} {r['time_ratio']:8.2f} "
+            f"{r['mem_ratio']:8.2f}"
+        )
     if a.json:
         print(json.dumps(rows))
 

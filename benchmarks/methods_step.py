@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 
 import torch
+from side_by_side import add_ratios, measure_apart
 
 
 def measure(method: str, preset: str, batch: int, seq: int, device: str, reps: int) -> dict:
@@ -89,23 +88,15 @@ def main() -> None:
         print(json.dumps(measure(a.measure, *args)))
         return
     methods = ["lora_diffusion"] + [m for m in a.methods.split(",") if m != "lora_diffusion"]
-    rows = {}
-    for method in methods:
-        cmd = [sys.executable, __file__, "--measure", method, "--preset", a.preset,
-               "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
-               "--reps", str(a.reps), "--device", a.device]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows[method] = json.loads(out.strip().splitlines()[-1])
-    ref = rows["lora_diffusion"]
+    flags = ("preset", "batch_size", "seq_len", "reps", "device")
+    rows = measure_apart(__file__, methods, a, flags)
+    add_ratios(rows, "lora_diffusion")
     print(f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} device={a.device}")
     print(f"{'':15} {'trainable':>10} {'s/step':>9} {'peak MB':>9} {'time x':>7} {'mem x':>7}")
     for method, r in rows.items():
-        tx = r["seconds"] / ref["seconds"]
-        mx = r["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else float("nan")
-        r.update(time_ratio=tx, mem_ratio=mx)
         print(
             f"{method:15} {r['trainable']:10d} {r['seconds']:9.4f} {r['peak_mb']:9.1f} "
-            f"{tx:7.2f} {mx:7.2f}"
+            f"{r['time_ratio']:7.2f} {r['mem_ratio']:7.2f}"
         )
     if a.json:
         print(json.dumps(rows))

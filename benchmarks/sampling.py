@@ -24,11 +24,10 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
+from side_by_side import add_ratios, measure_apart
 
 KINDS = ("base_cache", "base_nocache", "composed_cache", "composed_nocache")
 
@@ -142,22 +141,15 @@ def main() -> None:
     if a.measure:
         print(json.dumps(measure(a.measure, *args)))
         return
-    rows = {}
-    for kind in KINDS:
-        cmd = [sys.executable, __file__, "--measure", kind, "--preset", a.preset,
-               "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
-               "--steps", str(a.steps), "--tasks", str(a.tasks), "--reps", str(a.reps),
-               "--device", a.device]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows[kind] = json.loads(out.strip().splitlines()[-1])
-    ref = rows["base_cache"]
+    flags = ("preset", "batch_size", "seq_len", "steps", "tasks", "reps", "device")
+    rows = measure_apart(__file__, KINDS, a, flags)
+    add_ratios(rows, "base_cache")
     print(
         f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} steps={a.steps} "
         f"tasks={a.tasks} device={a.device}"
     )
     print(f"{'':17} {'s/call':>9} {'peak MB':>9} {'calls':>6} {'saved':>6} {'time x':>7}")
     for kind, r in rows.items():
-        r["time_ratio"] = r["seconds"] / ref["seconds"]
         print(
             f"{kind:17} {r['seconds']:9.4f} {r['peak_mb']:9.1f} {r['network_calls']:6d} "
             f"{r['calls_saved']:6d} {r['time_ratio']:7.2f}"

@@ -20,7 +20,7 @@ sigma 1.0; middle: r 32, sigma 0.5; late t <= T/3: r 8, sigma 0.25 by default).
   W_A,cond Enc(c) := W_A diag(W_g Enc(c)), i.e. A_i(c) = W_A diag(1 + W_g Enc(c)): one
   (r x d) matrix W_g per module instead of a (d r x d) tensor, keeping the adaptor < 1% of
   the base. W_A starts at zero, so the adapted model equals the base at step 0; W_g starts
-  random (`gate_init="random"`, nn.Linear's init; `"zero"` as before): were both zero, the
+  random (`gate_init="random"`, nn.Linear's init; or `"zero"`): were both zero, the
   c-dependent part W_A diag(W_g Enc(c)) would sit at a saddle where none of its factors gets
   a gradient, as a weight LoRA with both factors at zero would.
 - Enc(c) pools the condition with a learned attention query (`condition_pool="attention"`,

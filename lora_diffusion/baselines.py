@@ -301,8 +301,8 @@ class LoReFT(nn.Module):
 
     def __init__(self, d: int, rank: int) -> None:
         super().__init__()
-        # weight: R (r, d). Cayley, not the default Householder map for a wide R: under AdamW
-        # (weight decay on the reflectors) the Householder R collapsed to zero in our tests.
+        # weight: R (r, d). Cayley, not the default Householder map for a wide R: under AdamW,
+        # weight decay on the reflectors drives a Householder R to zero.
         self.rotate = orthogonal(nn.Linear(d, rank, bias=False), orthogonal_map="cayley")
         self.learned = nn.Linear(d, rank)
         with torch.no_grad():
