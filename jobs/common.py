@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 TASKS = ("agnews", "cola", "sst2", "trec")  # lora_diffusion.tasks.TASKS
 METHOD_LR = {  # lora_diffusion.methods.METHODS, each with its Method.default_lr
     "lora_diffusion": 1e-3,
-    "full": 1e-4,
+    "full": 3e-4,
     "weight_lora": 1e-3,
     "adapters": 1e-3,
     "bitfit": 5e-3,
