@@ -40,33 +40,47 @@ PREFIX = "baselines."  # tensor-name prefix in adapter_model.safetensors
 # --- wrappers: a frozen base + the method's own modules, behind the denoiser seam ----------------
 
 
-class BaselineDenoiser(nn.Module):
+class WrappedDenoiser(nn.Module):
+    """A denoiser around another one, `inner`: its config, time conditioning, output head and
+    input embeddings are the inner model's; subclasses define `inner` and `hidden_states`."""
+
+    inner: nn.Module
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.inner.mask_token_id
+
+    @property
+    def time_conditioned(self) -> bool:
+        return bool(getattr(self.inner, "time_conditioned", True))
+
+    def output_head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.inner.output_head(h)
+
+    def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.input_embeddings(input_ids)
+
+
+class BaselineDenoiser(WrappedDenoiser):
     """Frozen `base` plus trainable `delta`; subclasses define `hidden_states`."""
 
     def __init__(self, base: nn.Module, delta: nn.Module) -> None:
         super().__init__()
         self.base = base.eval().requires_grad_(False)
         self.delta = delta
-        self.mask_token_id = base.mask_token_id
 
     @property
-    def config(self):
-        return self.base.config
-
-    @property
-    def time_conditioned(self) -> bool:
-        return bool(getattr(self.base, "time_conditioned", True))
+    def inner(self) -> nn.Module:
+        return self.base
 
     def train(self, mode: bool = True) -> BaselineDenoiser:
         super().train(mode)
         self.base.eval()  # frozen: no dropout in the base, whatever the method's mode
         return self
-
-    def output_head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.base.output_head(h)
-
-    def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.base.input_embeddings(input_ids)
 
 
 class HookedDenoiser(BaselineDenoiser):
@@ -330,35 +344,20 @@ class ReftDenoiser(BaselineDenoiser):
 # --- peft weight LoRA ----------------------------------------------------------------------------
 
 
-class PeftDenoiser(nn.Module):
+class PeftDenoiser(WrappedDenoiser):
     """A `peft` LoRA model behind the denoiser seam. peft injects its layers into the base in
     place, so `self.peft.base_model.model` *is* the (adapted) base."""
 
     def __init__(self, peft_model: nn.Module) -> None:
         super().__init__()
         self.peft = peft_model
-        self.mask_token_id = self.inner.mask_token_id
 
     @property
     def inner(self) -> nn.Module:
         return self.peft.base_model.model
 
-    @property
-    def config(self):
-        return self.inner.config
-
-    @property
-    def time_conditioned(self) -> bool:
-        return bool(getattr(self.inner, "time_conditioned", True))
-
     def hidden_states(self, input_ids, attention_mask=None, t=None, condition_mask=None):
         return self.inner.hidden_states(input_ids, attention_mask, t, condition_mask)
-
-    def output_head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.inner.output_head(h)
-
-    def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.inner.input_embeddings(input_ids)
 
 
 def _peft_lora(base: nn.Module, cfg: BaselineConfig) -> PeftDenoiser:
