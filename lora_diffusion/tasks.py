@@ -99,37 +99,36 @@ class Example:
 
 
 TASKS = Registry[Task]("task")
-_GLUE_SPLITS = {"train": "train", "eval": "dev"}
 _TEST_SPLITS = {"train": "train", "eval": "test"}
 
+
+def _glue(name: str, instruction: str, label_words: tuple[str, ...]) -> Task:
+    """A GLUE task: shipped as train/dev TSVs in `name/`, on the hub as nyu-mll/glue's `name`."""
+    return Task(
+        name=name,
+        instruction=instruction,
+        label_words=label_words,
+        splits={"train": "train", "eval": "dev"},
+        local_dir=name,
+        hub_id="nyu-mll/glue",
+        hub_config=name,
+        hub_splits={"train": "train", "eval": "validation"},
+    )
+
+
 for _task in (
-    Task(
-        name="sst2",
-        instruction=(
-            "Is the sentiment of this movie review positive or negative?\n"
-            "Review: {text}\nSentiment:"
-        ),
-        label_words=("negative", "positive"),
-        splits=_GLUE_SPLITS,
-        local_dir="sst2",
-        hub_id="nyu-mll/glue",
-        hub_config="sst2",
-        hub_splits={"train": "train", "eval": "validation"},
+    _glue(
+        "sst2",
+        "Is the sentiment of this movie review positive or negative?\nReview: {text}\nSentiment:",
+        ("negative", "positive"),
     ),
-    Task(
-        name="cola",
-        instruction=(
-            "Is this sentence grammatically acceptable or unacceptable?\nSentence: {text}\nAnswer:"
-        ),
-        # The labels.txt names rather than "yes"/"no": the output then names its own task, so
-        # a composed multi-task model's answers stay distinguishable, and a shared tail
-        # ("acceptable") is harmless because candidates are scored over the whole target.
-        label_words=("unacceptable", "acceptable"),
-        splits=_GLUE_SPLITS,
-        local_dir="cola",
-        hub_id="nyu-mll/glue",
-        hub_config="cola",
-        hub_splits={"train": "train", "eval": "validation"},
+    # The labels.txt names rather than "yes"/"no": the output then names its own task, so a
+    # composed multi-task model's answers stay distinguishable, and a shared tail ("acceptable")
+    # is harmless because candidates are scored over the whole target.
+    _glue(
+        "cola",
+        "Is this sentence grammatically acceptable or unacceptable?\nSentence: {text}\nAnswer:",
+        ("unacceptable", "acceptable"),
     ),
     Task(
         name="trec",
