@@ -14,6 +14,7 @@ from lora_diffusion.losses import denoising_loss
 from lora_diffusion.methods import METHODS, load_method, read_method_config
 from lora_diffusion.models import DiffusionLM, preset_config
 from lora_diffusion.schedules import get_schedule
+from tests.helpers import finetune_config
 
 V = 64
 SMALL = BaselineConfig(lora_rank=4, bottleneck=8, prefix_length=4, loreft_rank=4, nara_rank=4)
@@ -181,21 +182,14 @@ def test_knobs_are_config_overrides():
 
 
 def test_finetune_runs_bitfit_end_to_end(tiny_base_dir, data_dir, tmp_path):
-    from lora_diffusion.training import TrainConfig
-
-    cfg = FinetuneConfig(
-        base=str(tiny_base_dir),
-        output_dir=str(tmp_path / "run"),
+    cfg = finetune_config(
+        tiny_base_dir,
+        data_dir,
+        tmp_path,
         method="bitfit",
-        data_dir=str(data_dir),
-        max_length=64,
         train_limit=16,
-        eval_limit=4,
         eval_steps=4,
-        scoring_num_t=1,
         forgetting_blocks=2,
-        cache_dir=str(tmp_path / "cache"),
-        train=TrainConfig(lr=5e-3, max_steps=2, batch_size=4, warmup_steps=0),
     )
     result = finetune(cfg, progress=False)
     for key in ("trainable_params", "trainable_pct", "storage_mb", "eval_accuracy", "forgetting"):
@@ -208,20 +202,15 @@ def test_evaluate_job_loads_a_baseline_and_reproduces_its_accuracy(
     tiny_base_dir, data_dir, tmp_path
 ):
     from jobs.evaluate import main as evaluate
-    from lora_diffusion.training import TrainConfig
 
-    cfg = FinetuneConfig(
-        base=str(tiny_base_dir),
-        output_dir=str(tmp_path / "run"),
+    cfg = finetune_config(
+        tiny_base_dir,
+        data_dir,
+        tmp_path,
         method="weight_lora",
-        data_dir=str(data_dir),
-        max_length=64,
         train_limit=16,
         eval_limit=6,
-        scoring_num_t=1,
-        forgetting_blocks=0,
-        cache_dir=str(tmp_path / "cache"),
-        train=TrainConfig(lr=5e-3, max_steps=3, batch_size=4, warmup_steps=0),
+        train={"max_steps": 3},
     )
     cfg.baselines.lora_rank = 4
     result = finetune(cfg, progress=False)

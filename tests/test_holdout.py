@@ -9,24 +9,12 @@ import pytest
 
 from lora_diffusion.data import tokenize_task
 from lora_diffusion.finetune import FinetuneConfig, finetune, train_and_holdout
-from lora_diffusion.training import TrainConfig
+from tests.helpers import finetune_config
 
 
-def _cfg(base, data_dir, tmp_path, **kw) -> FinetuneConfig:
-    train = kw.pop("train", None) or TrainConfig(lr=5e-3, max_steps=2, batch_size=4, warmup_steps=0)
-    return FinetuneConfig(
-        base=str(base),
-        output_dir=str(tmp_path / "run"),
-        task="trec",
-        data_dir=str(data_dir),
-        max_length=48,
-        eval_limit=4,
-        eval_steps=1,
-        scoring_num_t=1,
-        forgetting_blocks=0,
-        cache_dir=str(tmp_path / "cache"),
-        train=train,
-        **kw,
+def _cfg(base, data_dir, tmp_path, **fields) -> FinetuneConfig:
+    return finetune_config(
+        base, data_dir, tmp_path, task="trec", max_length=48, eval_steps=1, **fields
     )
 
 
@@ -58,8 +46,8 @@ def test_bad_holdouts_fail_with_their_size(tiny_tokenizer, data_dir, tmp_path):
 
 
 def test_finetune_scores_the_holdout_during_and_after_training(tiny_base_dir, data_dir, tmp_path):
-    train = TrainConfig(lr=5e-3, max_steps=2, batch_size=4, warmup_steps=0, eval_every=1)
     seen = []
+    train = {"eval_every": 1}
     cfg = _cfg(tiny_base_dir, data_dir, tmp_path, holdout=6, train_limit=16, train=train)
     result = finetune(cfg, report=lambda step, m: seen.append(m), progress=False)
     assert result["val_n"] == 6 and result["eval_n"] == 4
