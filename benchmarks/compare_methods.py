@@ -20,6 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
+from jobs.common import add_set_flag
 from lora_diffusion.config import apply_overrides
 from lora_diffusion.finetune import FinetuneConfig, finetune
 from lora_diffusion.methods import METHODS
@@ -63,14 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted FinetuneConfig override for every run (repeatable)",
-    )
+    add_set_flag(p, "dotted FinetuneConfig override for every run (repeatable)")
     p.add_argument("--output-dir", required=True)
     return p.parse_args(argv)
 

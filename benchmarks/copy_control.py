@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from jobs.common import add_set_flag
 from lora_diffusion.config import apply_overrides
 from lora_diffusion.data import collate, encode_prompt
 from lora_diffusion.finetune import FinetuneConfig, finetune
@@ -68,8 +69,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. adaptor.condition_norm=none")  # fmt: skip
+    add_set_flag(p, "config override, e.g. adaptor.condition_norm=none")
     a = p.parse_args(argv)
     base, tok = load_base(a.base)
     sensitivity(base, tok)

@@ -186,15 +186,17 @@ def base_parser(description: str, training: bool = True, max_steps: int | None =
         p.add_argument("--output-dir", required=True, help="where the run writes its files")
         steps = f" (default: {max_steps})" if max_steps else ""
         p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps{steps}")
-        p.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="dotted config override, repeatable (e.g. train.lr=1e-3, diffusion.steps=50)",
+        add_set_flag(
+            p, "dotted config override, repeatable (e.g. train.lr=1e-3, diffusion.steps=50)"
         )
     return p
+
+
+def add_set_flag(p: argparse.ArgumentParser, help: str) -> None:
+    """`--set KEY=VALUE`, repeatable, into `overrides` (for `config.apply_overrides`)."""
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def finetune_config(a, lr: float | None = None, train: dict | None = None, **fields):

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.common import PAPER_METHODS, base_parser, emit, fail
+from jobs.common import PAPER_METHODS, add_set_flag, base_parser, emit, fail
 from jobs.tracking import check_reachable, tracking_uri
 
 STAGES = ("methods", "data_size", "ablations", "tasks", "bases", "report")
@@ -92,8 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--train-limit", type=int, default=None, help="methods/tasks: train subset")
     p.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override passed to every training job, repeatable")  # fmt: skip
+    add_set_flag(p, "config override passed to every training job, repeatable")
     for action in p._actions:  # the scale's values are these flags' defaults
         if action.dest in SCALES["full"]:
             full, quick = SCALES["full"][action.dest], SCALES["quick"][action.dest]
