@@ -210,14 +210,18 @@ def finetune_config(a, lr: float | None = None, train: dict | None = None, **fie
 
     shared = ("base", "output_dir", "task", "method", "data_dir", "train_limit", "eval_limit")
     cfg = FinetuneConfig(**{k: getattr(a, k) for k in shared}, **fields)
-    steps = {"max_steps": a.max_steps} if a.max_steps else {}
     lr = lr if lr is not None else METHODS.get(a.method).default_lr
-    return dataclasses.replace(
-        cfg,
-        train=dataclasses.replace(
-            cfg.train, lr=lr, batch_size=a.batch_size, seed=a.seed, **steps, **(train or {})
-        ),
-    )
+    return dataclasses.replace(cfg, train=train_settings(a, cfg.train, lr=lr, **(train or {})))
+
+
+def train_settings(a, train, **fields):
+    """`train` (a `TrainConfig`) with the flags every training job shares: --lr, --batch-size,
+    --seed and, when given, --max-steps; `fields` on top."""
+    import dataclasses
+
+    shared = {"lr": a.lr, "batch_size": a.batch_size, "seed": a.seed}
+    steps = {"max_steps": a.max_steps} if a.max_steps else {}
+    return dataclasses.replace(train, **(shared | steps | fields))
 
 
 def config_error(e: Exception) -> str:

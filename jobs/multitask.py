@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jobs.common import MULTITASK_STEPS, base_parser, config_error, emit, fail
+from jobs.common import MULTITASK_STEPS, base_parser, config_error, emit, fail, train_settings
 
 
 def parser():
@@ -59,13 +59,7 @@ def run(a: Args) -> dict:
             eval_limit=a.eval_limit,
             threads=a.threads,
         )
-        train = dataclasses.replace(
-            cfg.train,
-            lr=a.lr,
-            batch_size=a.batch_size,
-            seed=a.seed,
-            **({"max_steps": a.max_steps} if a.max_steps else {}),
-        )
+        train = train_settings(a, cfg.train)
         cfg = apply_overrides(dataclasses.replace(cfg, train=train), a.overrides)
     except (KeyError, ValueError) as e:
         fail(config_error(e))

@@ -14,7 +14,15 @@ import tempfile
 from pathlib import Path
 
 from jobs import raytrain
-from jobs.common import PRESETS, PRETRAIN_STEPS, base_parser, config_error, emit, fail
+from jobs.common import (
+    PRESETS,
+    PRETRAIN_STEPS,
+    base_parser,
+    config_error,
+    emit,
+    fail,
+    train_settings,
+)
 from jobs.tracking import (
     MlflowRun,
     Tracker,
@@ -86,15 +94,7 @@ def build_config(a):
         resume_from=a.resume_from,
         threads=a.threads,
     )
-    train = dataclasses.replace(
-        cfg.train,
-        lr=a.lr,
-        batch_size=a.batch_size,
-        warmup_steps=a.warmup_steps,
-        eval_every=a.eval_every,
-        seed=a.seed,
-        **({"max_steps": a.max_steps} if a.max_steps else {}),
-    )
+    train = train_settings(a, cfg.train, warmup_steps=a.warmup_steps, eval_every=a.eval_every)
     diffusion = dataclasses.replace(
         cfg.diffusion,
         process=a.process,
