@@ -215,13 +215,15 @@ def finetune_config(a, lr: float | None = None, train: dict | None = None, **fie
 
 
 def train_settings(a, train, **fields):
-    """`train` (a `TrainConfig`) with the flags every training job shares: --lr, --batch-size,
-    --seed and, when given, --max-steps; `fields` on top."""
+    """`train` (a `TrainConfig`) with the flags every training job shares: --batch-size, --seed
+    and, when the job has them and they are given, --lr and --max-steps; `fields` on top (a
+    sweep has no --lr: its rate is the method's default or its space's)."""
     import dataclasses
 
-    shared = {"lr": a.lr, "batch_size": a.batch_size, "seed": a.seed}
-    steps = {"max_steps": a.max_steps} if a.max_steps else {}
-    return dataclasses.replace(train, **(shared | steps | fields))
+    shared = {"batch_size": a.batch_size, "seed": a.seed}
+    given = {k: getattr(a, k, None) for k in ("lr", "max_steps")}
+    given = {k: v for k, v in given.items() if v is not None}
+    return dataclasses.replace(train, **(shared | given | fields))
 
 
 def config_error(e: Exception) -> str:

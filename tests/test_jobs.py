@@ -133,6 +133,20 @@ def test_a_job_called_from_python_is_checked_as_its_flags_are_and_gives_them_bac
         train.Args(base="b", output_dir="o", bogus=1)
 
 
+def test_each_training_job_puts_its_shared_flags_on_the_config_and_a_sweep_the_methods_rate():
+    from jobs import sweep, train
+    from jobs.common import finetune_config
+    from lora_diffusion.methods import METHODS
+
+    a = train.Args(base="b", output_dir="o", method="bitfit", lr=0.02, batch_size=4, seed=3)
+    t = finetune_config(a, lr=a.lr).train
+    assert (t.lr, t.batch_size, t.seed, t.max_steps) == (0.02, 4, 3, 1000)
+    # a sweep has no --lr: its trials start from the method's rate (a space may set train.lr)
+    s = sweep.Args(space="s.yaml", base="b", output_dir="o", method="bitfit", max_steps=7)
+    t = finetune_config(s, train={"eval_every": 2}).train
+    assert (t.lr, t.max_steps, t.eval_every) == (METHODS.get("bitfit").default_lr, 7, 2)
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, data_dir, ray_cluster):
     out = tmp_path_factory.mktemp("pretrain")
