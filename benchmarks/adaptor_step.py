@@ -15,13 +15,12 @@ batch) is not polluted by the others. Pass --device cuda on a GPU machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
 
 import torch
-from side_by_side import add_ratios, measure_apart
+from side_by_side import add_ratios, measure_apart, print_rows, step_parser
 
 KINDS = ("base_forward", "adaptor_step", "full_ft_step")
 
@@ -101,14 +100,8 @@ def measure(kind: str, preset: str, batch: int, seq: int, device: str, reps: int
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--measure", choices=KINDS, help=argparse.SUPPRESS)
+    doc = __doc__.splitlines()[0]
+    p = step_parser(doc, KINDS, preset="small", batch_size=32, seq_len=128, reps=5)
     a = p.parse_args()
     args = (a.preset, a.batch_size, a.seq_len, a.device, a.reps)
     if a.measure:
@@ -116,15 +109,9 @@ def main() -> None:
         return
     rows = measure_apart(__file__, KINDS, a, ("preset", "batch_size", "seq_len", "reps", "device"))
     add_ratios(rows, "base_forward")
-    print(f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} device={a.device}")
-    print(f"{'':14} {'s/call':>9} {'peak MB':>9} {'time x':>8} {'mem x':>8}")
-    for kind, r in rows.items():
-        print(
-            f"{kind:14} {r['seconds']:9.4f} {r['peak_mb']:9.1f} {r['time_ratio']:8.2f} "
-            f"{r['mem_ratio']:8.2f}"
-        )
-    if a.json:
-        print(json.dumps(rows))
+    heading = f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} device={a.device}"
+    keys = ("seconds", "peak_mb", "time_ratio", "mem_ratio")
+    print_rows(rows, heading, keys, "call", a.json)
 
 
 if __name__ == "__main__":

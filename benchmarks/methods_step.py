@@ -10,13 +10,12 @@ their ratios to lora_diffusion. Each method runs in a fresh subprocess, measured
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
 
 import torch
-from side_by_side import add_ratios, measure_apart
+from side_by_side import add_ratios, measure_apart, print_rows, step_parser
 
 
 def measure(method: str, preset: str, batch: int, seq: int, device: str, reps: int) -> dict:
@@ -73,15 +72,9 @@ def measure(method: str, preset: str, batch: int, seq: int, device: str, reps: i
 def main() -> None:
     from lora_diffusion.methods import METHODS
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--device", default="cpu")
+    doc = __doc__.splitlines()[0]
+    p = step_parser(doc, METHODS.names(), preset="tiny", batch_size=16, seq_len=128, reps=5)
     p.add_argument("--methods", default=",".join(METHODS), help="comma list")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--measure", help=argparse.SUPPRESS)
     a = p.parse_args()
     args = (a.preset, a.batch_size, a.seq_len, a.device, a.reps)
     if a.measure:
@@ -91,15 +84,9 @@ def main() -> None:
     flags = ("preset", "batch_size", "seq_len", "reps", "device")
     rows = measure_apart(__file__, methods, a, flags)
     add_ratios(rows, "lora_diffusion")
-    print(f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} device={a.device}")
-    print(f"{'':15} {'trainable':>10} {'s/step':>9} {'peak MB':>9} {'time x':>7} {'mem x':>7}")
-    for method, r in rows.items():
-        print(
-            f"{method:15} {r['trainable']:10d} {r['seconds']:9.4f} {r['peak_mb']:9.1f} "
-            f"{r['time_ratio']:7.2f} {r['mem_ratio']:7.2f}"
-        )
-    if a.json:
-        print(json.dumps(rows))
+    heading = f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} device={a.device}"
+    keys = ("trainable", "seconds", "peak_mb", "time_ratio", "mem_ratio")
+    print_rows(rows, heading, keys, "step", a.json)
 
 
 if __name__ == "__main__":

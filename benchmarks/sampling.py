@@ -20,14 +20,13 @@ torch.cuda.max_memory_allocated above model and batch).
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
 import time
 
 import torch
-from side_by_side import add_ratios, measure_apart
+from side_by_side import add_ratios, measure_apart, print_rows, step_parser
 
 KINDS = ("base_cache", "base_nocache", "composed_cache", "composed_nocache")
 
@@ -124,16 +123,10 @@ def measure(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=128)
+    doc = __doc__.splitlines()[0]
+    p = step_parser(doc, KINDS, preset="small", batch_size=8, seq_len=64, reps=3)
+    p.add_argument("--steps", type=int, default=128, help="denoising steps")
     p.add_argument("--tasks", type=int, default=3, help="adaptors composed (>= 2)")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--measure", choices=KINDS, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.tasks < 2:
         p.error("--tasks must be >= 2 (a composition)")
@@ -144,18 +137,12 @@ def main() -> None:
     flags = ("preset", "batch_size", "seq_len", "steps", "tasks", "reps", "device")
     rows = measure_apart(__file__, KINDS, a, flags)
     add_ratios(rows, "base_cache")
-    print(
+    heading = (
         f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} steps={a.steps} "
         f"tasks={a.tasks} device={a.device}"
     )
-    print(f"{'':17} {'s/call':>9} {'peak MB':>9} {'calls':>6} {'saved':>6} {'time x':>7}")
-    for kind, r in rows.items():
-        print(
-            f"{kind:17} {r['seconds']:9.4f} {r['peak_mb']:9.1f} {r['network_calls']:6d} "
-            f"{r['calls_saved']:6d} {r['time_ratio']:7.2f}"
-        )
-    if a.json:
-        print(json.dumps(rows))
+    keys = ("seconds", "peak_mb", "network_calls", "calls_saved", "time_ratio")
+    print_rows(rows, heading, keys, "call", a.json)
 
 
 if __name__ == "__main__":
