@@ -94,17 +94,9 @@ def _precision(device: str) -> str:
 def pretrain(a, device: str) -> dict:
     from lora_diffusion.pretraining import PretrainConfig
     from lora_diffusion.pretraining import pretrain as run
-    from lora_diffusion.training import TrainConfig
 
     s = SIZES["pretrain"][a.tiny]
-    train = TrainConfig(
-        lr=1e-3,
-        max_steps=s["steps"],
-        batch_size=s["batch"],
-        warmup_steps=0,
-        log_every=max(1, s["steps"] // 6),
-        precision=_precision(device),
-    )
+    train = _train(s, device, lr=1e-3, logs=6)
     cfg = PretrainConfig(
         corpus_dir=str(Path(a.data_dir) / "corpus"),
         output_dir=str(a.work / "pretrain"),
@@ -126,23 +118,29 @@ def pretrain(a, device: str) -> dict:
     }
 
 
+def _train(s: dict, device: str, lr: float, logs: int):
+    """A `TrainConfig` of size `s` (steps, batch) at `lr` on `device`, logging `logs` times."""
+    from lora_diffusion.training import TrainConfig
+
+    return TrainConfig(
+        lr=lr,
+        max_steps=s["steps"],
+        batch_size=s["batch"],
+        warmup_steps=0,
+        log_every=max(1, s["steps"] // logs),
+        precision=_precision(device),
+    )
+
+
 def finetune(a, device: str) -> dict:
     from lora_diffusion.finetune import FinetuneConfig
     from lora_diffusion.finetune import finetune as run
     from lora_diffusion.methods import METHODS
-    from lora_diffusion.training import TrainConfig
 
     s, results = SIZES["finetune"][a.tiny], {}
     for method in METHODS:
         started = time.perf_counter()
-        train = TrainConfig(
-            lr=METHODS.get(method).default_lr,
-            max_steps=s["steps"],
-            batch_size=s["batch"],
-            warmup_steps=0,
-            log_every=max(1, s["steps"] // 4),
-            precision=_precision(device),
-        )
+        train = _train(s, device, lr=METHODS.get(method).default_lr, logs=4)
         cfg = FinetuneConfig(
             base=a.base,
             output_dir=str(a.work / f"ft-{method}"),

@@ -92,12 +92,17 @@ def test_up_projection_is_conditioned_on_the_instruction(tiny_model):
     torch.testing.assert_close(plain(h, t, enc_a), plain(h, t, enc_b))
 
 
-def test_embedding_input_reads_the_base_input_embeddings(tiny_model):
-    cfg = AdaptorConfig(input_repr="embedding", condition_pool="mean", reader="none")
+def _adapted(tiny_model, **cfg):
+    """A random mean-pooling adaptor (no reader) of `cfg` on the tiny model, the adapted model,
+    inputs and the base's hidden states of them."""
+    cfg = AdaptorConfig(condition_pool="mean", reader="none", **cfg)
     adaptor = randomise(TrajectoryAdaptor(cfg, D))
-    model = AdaptedDenoiser(tiny_model, adaptor)
     x, cond = inputs()
-    h = tiny_model.hidden_states(x)
+    return adaptor, AdaptedDenoiser(tiny_model, adaptor), x, cond, tiny_model.hidden_states(x)
+
+
+def test_embedding_input_reads_the_base_input_embeddings(tiny_model):
+    adaptor, model, x, cond, h = _adapted(tiny_model, input_repr="embedding")
     expected = h + adaptor(tiny_model.input_embeddings(x), T4, pool_condition(h, cond))
     got = model.hidden_states(x, None, T4, cond)
     torch.testing.assert_close(got[~cond], expected[~cond])
@@ -106,11 +111,7 @@ def test_embedding_input_reads_the_base_input_embeddings(tiny_model):
 
 
 def test_embedding_condition_reads_the_pooled_input_embeddings_of_c(tiny_model):
-    cfg = AdaptorConfig(condition_repr="embedding", condition_pool="mean", reader="none")
-    adaptor = randomise(TrajectoryAdaptor(cfg, D))
-    model = AdaptedDenoiser(tiny_model, adaptor)
-    x, cond = inputs()
-    h = tiny_model.hidden_states(x)
+    adaptor, model, x, cond, h = _adapted(tiny_model, condition_repr="embedding")
     enc = pool_condition(tiny_model.input_embeddings(x), cond)
     expected = h + adaptor(h, T4, enc)
     torch.testing.assert_close(model.hidden_states(x, None, T4, cond)[~cond], expected[~cond])
