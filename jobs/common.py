@@ -170,10 +170,14 @@ def default_data_dir() -> str:
         return str(REPO.parent / "shared" / "data")
 
 
-def base_parser(description: str, training: bool = True, max_steps: int | None = None) -> JobParser:
-    """The flags every job has; `training` adds --output-dir, --max-steps (whose default,
-    `max_steps`, the job's config holds) and --set."""
+def base_parser(
+    description: str, training: bool = True, max_steps: int | None = None, base: bool = False
+) -> JobParser:
+    """The flags every job has; `base` adds --base (a job on a base model), `training`
+    --output-dir, --max-steps (whose default, `max_steps`, the job's config holds) and --set."""
     p = JobParser(description)
+    if base:
+        p.add_argument("--base", required=True, help="base model folder (or hub id)")
     p.add_argument(
         "--data-dir",
         default=None,
@@ -231,14 +235,16 @@ def config_error(e: Exception) -> str:
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 
-def emit(result: dict, as_json: bool) -> None:
-    """Print results: a readable block, and with --json a final one-line JSON object."""
+def emit(result: dict, as_json: bool) -> dict:
+    """Print results: a readable block, and with --json a final one-line JSON object. Returns
+    `result` (a job ends `return emit(result, a.json)`)."""
     for k, v in result.items():
         if not isinstance(v, dict):
             print(f"{k}: {v}")
     if as_json:
         sys.stdout.flush()
         print(json.dumps(result, default=str))
+    return result
 
 
 def fail(message: str, code: int = 2) -> None:

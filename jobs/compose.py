@@ -13,8 +13,7 @@ from jobs.common import base_parser, emit, fail
 
 
 def parser():
-    p = base_parser(__doc__.splitlines()[0], training=False)
-    p.add_argument("--base", required=True, help="base model folder (or hub id)")
+    p = base_parser(__doc__.splitlines()[0], training=False, base=True)
     p.add_argument(
         "--adaptor",
         action="append",
@@ -80,8 +79,7 @@ def run(a: Args) -> dict:
     if a.output:
         with open(a.output, "w") as f:
             json.dump(result, f, indent=2)
-    emit(result, a.json)
-    return result
+    return emit(result, a.json)
 
 
 def main(argv=None) -> dict:

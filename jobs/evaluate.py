@@ -11,8 +11,7 @@ from jobs.common import TASKS, base_parser, emit, fail
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0], training=False)
-    p.add_argument("--base", required=True, help="base model folder (or hub id)")
+    p = base_parser(__doc__.splitlines()[0], training=False, base=True)
     p.add_argument("--adaptor", default=None, help="adaptor folder; omit to evaluate the base")
     p.add_argument(
         "--task", default="sst2", choices=TASKS, metavar="TASK", help="one of: " + ", ".join(TASKS)
@@ -93,8 +92,7 @@ def main(argv=None) -> dict:
     result.update(evaluate_all(cfg, model, base, tok, process, schedule))
     for ex in result.pop("eval_examples", []):
         print(f"  example: {ex}")
-    emit(result, a.json)
-    return result
+    return emit(result, a.json)
 
 
 if __name__ == "__main__":

@@ -67,8 +67,7 @@ SCALES = {
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0], training=False)
-    p.add_argument("--base", required=True, help="base model folder")
+    p = base_parser(__doc__.splitlines()[0], training=False, base=True)
     p.add_argument("--output-dir", default="runs/experiments", help="every job's folder")
     p.add_argument("--report-dir", default="docs", help="RESULTS.md and figures/ go here")
     p.add_argument("--experiment", default="lora-diffusion/paper", help="MLflow experiment")

@@ -12,8 +12,7 @@ from jobs.common import MULTITASK_STEPS, base_parser, config_error, emit, fail, 
 
 
 def parser():
-    p = base_parser(__doc__.splitlines()[0], max_steps=MULTITASK_STEPS)
-    p.add_argument("--base", required=True, help="base model folder (or hub id)")
+    p = base_parser(__doc__.splitlines()[0], max_steps=MULTITASK_STEPS, base=True)
     p.add_argument("--tasks", default="sst2,cola,trec,agnews", help="comma list, router order")
     p.add_argument(
         "--adaptor",
@@ -78,8 +77,7 @@ def run(a: Args) -> dict:
         fail(str(e))
     for task, r in result["per_task"].items():
         print(f"  {task}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "n"))
-    emit(result, a.json)
-    return result
+    return emit(result, a.json)
 
 
 def main(argv=None) -> dict:

@@ -19,12 +19,10 @@ from jobs.common import (
     PRETRAIN_STEPS,
     base_parser,
     config_error,
-    emit,
     fail,
     train_settings,
 )
 from jobs.tracking import (
-    MlflowRun,
     Tracker,
     add_tracking_flags,
     check_reachable,
@@ -125,7 +123,7 @@ def main(argv=None) -> dict:
     name = f"pretrain-{cfg.preset}-lr{cfg.train.lr:g}-steps{cfg.train.max_steps}"
     tracker = Tracker.from_args(a, "lora-diffusion/pretrain", name)
     tracker.log_config(cfg, preset=cfg.preset, workers=a.num_workers)
-    try:
+    with tracker.failing():
         if a.no_ray:
             result = pretrain(cfg, report=_printer(tracker.report), progress=not a.no_progress)
         else:
@@ -137,14 +135,9 @@ def main(argv=None) -> dict:
             }
             result, out = raytrain.run(pretrain_loop, config, a, resources)
             result["model_dir"] = str(out / "model")
-    except BaseException:
-        tracker.abort()
-        raise
     result.pop("config", None)
     result.update(track_base(tracker, a, cfg, result))
-    result.update(tracker.close())
-    emit(result, a.json)
-    return result
+    return tracker.finish(result, a.json)
 
 
 def _printer(report):
@@ -174,29 +167,13 @@ def pretrain_loop(config: dict) -> None:
     """One Ray Train worker of the pretraining job (see `jobs/train.py: train_loop`)."""
     from lora_diffusion.pretraining import pretrain
 
-    dist = raytrain.worker_context(config)
-    raytrain.pid_file(config, dist.rank)
-    work = Path(tempfile.mkdtemp(prefix="ld-pretrain-"))
-    (work / "tokenizer").mkdir()
-    for name, text in config["tokenizer"].items():
-        (work / "tokenizer" / name).write_text(text, encoding="utf-8")
-    resume = raytrain.resume_dir("pretrain")
-    cfg = dataclasses.replace(
-        config["cfg"],
-        output_dir=str(work / "output"),
-        tokenizer=str(work / "tokenizer"),
-        resume_from=resume or config["cfg"].resume_from,
-        threads=None,
-    )
-    logger = MlflowRun.attach(config["tracking"] if dist.rank == 0 else None)
-    result = pretrain(
-        cfg,
-        report=_printer(logger.report),
-        progress=False,
-        dist=dist,
-        checkpoint_hook=raytrain.checkpoint_hook(dist.rank, work / "state"),
-    )
-    raytrain.report_final(dist.rank, result, work / "output", work / "state")
+    def tokenizer(work: Path) -> dict:  # the tokenizer the driver built, as files
+        (work / "tokenizer").mkdir()
+        for name, text in config["tokenizer"].items():
+            (work / "tokenizer" / name).write_text(text, encoding="utf-8")
+        return {"tokenizer": str(work / "tokenizer")}
+
+    raytrain.worker_loop(config, "pretrain", pretrain, _printer, files=tokenizer)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ How a run is laid out:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -332,6 +333,36 @@ def resume_dir(stage: str) -> str | None:
             raise FileNotFoundError(f"checkpoint {ckpt.path} holds no training state")
         shutil.copytree(Path(d) / STATE_DIR, local / STATE_DIR)
     return str(local / STATE_DIR)
+
+
+def worker_loop(config: dict, stage: str, loop: Callable, printer: Callable, files=None) -> None:
+    """A Ray Train worker's whole body (train, pretrain): this worker's context and pid file,
+    the job's config on a local work folder (resumed from the checkpoint Ray restored, if any),
+    `loop` (the library's `finetune` or `pretrain`) with tracking on rank 0 (`printer` wraps its
+    report) and checkpoints through Ray, then every rank's last report. `files(work)` writes
+    what the loop reads before it starts and returns the config fields that point to it."""
+    from jobs.tracking import MlflowRun
+
+    dist = worker_context(config)
+    pid_file(config, dist.rank)
+    work = Path(tempfile.mkdtemp(prefix=f"ld-{stage}-"))
+    cfg = dataclasses.replace(
+        config["cfg"],
+        output_dir=str(work / "output"),
+        resume_from=resume_dir(stage) or config["cfg"].resume_from,
+        threads=None,
+        **(files(work) if files else {}),
+    )
+    logger = MlflowRun.attach(config["tracking"] if dist.rank == 0 else None)
+    result = loop(
+        cfg,
+        report=printer(logger.report),
+        progress=config.get("progress", False),
+        dist=dist,
+        checkpoint_hook=checkpoint_hook(dist.rank, work / "state"),
+    )
+    result.update(SHARD_STATS)
+    report_final(dist.rank, result, work / "output", work / "state")
 
 
 def report_final(rank: int, result: dict, out_dir: Path, state_dir: Path | None) -> None:

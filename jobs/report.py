@@ -807,8 +807,7 @@ def run(a: Args, command: str | None = None) -> dict:
             result["mlflow_run_id"] = log_report(uri, first, files, command)
     except MlflowException as e:
         fail(e.message)
-    emit(result, a.json)
-    return result
+    return emit(result, a.json)
 
 
 if __name__ == "__main__":

@@ -251,9 +251,8 @@ def trial_run(spec: dict | None, name: str, params: dict, cfg) -> MlflowRun:
 
 
 def parser():
-    p = base_parser(__doc__.splitlines()[0], max_steps=FINETUNE_STEPS)
+    p = base_parser(__doc__.splitlines()[0], max_steps=FINETUNE_STEPS, base=True)
     p.add_argument("--space", required=True, help="a space file, e.g. tune_spaces/broad.yaml")
-    p.add_argument("--base", required=True, help="base model folder")
     p.add_argument("--task", default="sst2", choices=TASKS, metavar="TASK",
                    help="one of: " + ", ".join(TASKS))  # fmt: skip
     p.add_argument("--method", default="lora_diffusion", choices=METHOD_LR, metavar="METHOD",

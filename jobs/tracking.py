@@ -19,13 +19,14 @@ normally with a warning.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.metadata
 import os
 import sys
 from pathlib import Path
 
-from jobs.common import fail
+from jobs.common import emit, fail
 
 ADAPTOR_MODEL_CODE = Path(__file__).with_name("adaptor_model.py")
 EXPERIMENT_PREFIX = "lora-diffusion"
@@ -353,6 +354,24 @@ class Tracker(MlflowRun):
     def abort(self) -> None:
         """End the run as FAILED (the job raised)."""
         self.end("FAILED")
+
+    @contextlib.contextmanager
+    def failing(self, *expected: type[Exception]):
+        """Around the job's work: anything it raises (an exit too) ends the run as FAILED; an
+        `expected` error exits 2 with its message (`fail`), not a traceback."""
+        try:
+            yield self
+        except expected as e:
+            self.abort()
+            fail(str(e))
+        except BaseException:
+            self.abort()
+            raise
+
+    def finish(self, result: dict, as_json: bool) -> dict:
+        """End the run, add its keys to the job's `result`, print it (`emit`) and return it."""
+        result.update(self.close())
+        return emit(result, as_json)
 
 
 def _log_pyfunc(uri: str, run_id: str, artifacts: dict[str, str], config: dict):

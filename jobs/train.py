@@ -9,9 +9,7 @@ cluster of $RAY_ADDRESS (`ray job submit -- python jobs/train.py ...`) or of --a
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import tempfile
 from pathlib import Path
 
 from jobs import raytrain
@@ -23,12 +21,10 @@ from jobs.common import (
     K,
     base_parser,
     config_error,
-    emit,
     fail,
     finetune_config,
 )
 from jobs.tracking import (
-    MlflowRun,
     Tracker,
     add_tracking_flags,
     check_reachable,
@@ -39,8 +35,7 @@ from jobs.tracking import (
 
 
 def parser():
-    p = base_parser(__doc__.splitlines()[0], max_steps=FINETUNE_STEPS)
-    p.add_argument("--base", required=True, help="base model folder (or hub id)")
+    p = base_parser(__doc__.splitlines()[0], max_steps=FINETUNE_STEPS, base=True)
     p.add_argument(
         "--method",
         default="lora_diffusion",
@@ -158,7 +153,7 @@ def run(a: Args) -> dict:
         workers=a.num_workers,
         strategy=a.strategy if a.num_workers > 1 else "single",
     )
-    try:
+    with tracker.failing(FileNotFoundError):
         if a.no_ray:
             result = finetune(cfg, report=_printer(tracker.report), progress=not a.no_progress)
         else:
@@ -170,19 +165,11 @@ def run(a: Args) -> dict:
             }
             result, _ = raytrain.run(train_loop, config, a, resources)
             result["adaptor_dir"] = str(Path(a.output_dir) / "adaptor")
-    except FileNotFoundError as e:
-        tracker.abort()
-        fail(str(e))
-    except BaseException:
-        tracker.abort()
-        raise
     examples = result.pop("eval_examples", [])
     for ex in examples:
         print(f"  example: {ex}")
     result.update(track_adaptor(tracker, a, cfg, result))
-    result.update(tracker.close())
-    emit(result, a.json)
-    return result
+    return tracker.finish(result, a.json)
 
 
 def _printer(report):
@@ -199,26 +186,7 @@ def train_loop(config: dict) -> None:
     checkpoints through Ray (restored after a worker failure or on a rerun of the run)."""
     from lora_diffusion.finetune import finetune
 
-    dist = raytrain.worker_context(config)
-    raytrain.pid_file(config, dist.rank)
-    work = Path(tempfile.mkdtemp(prefix="ld-train-"))
-    resume = raytrain.resume_dir("train")
-    cfg = dataclasses.replace(
-        config["cfg"],
-        output_dir=str(work / "output"),
-        resume_from=resume or config["cfg"].resume_from,
-        threads=None,
-    )
-    logger = MlflowRun.attach(config["tracking"] if dist.rank == 0 else None)
-    result = finetune(
-        cfg,
-        report=_printer(logger.report),
-        progress=config["progress"],
-        dist=dist,
-        checkpoint_hook=raytrain.checkpoint_hook(dist.rank, work / "state"),
-    )
-    result.update(raytrain.SHARD_STATS)
-    raytrain.report_final(dist.rank, result, work / "output", work / "state")
+    raytrain.worker_loop(config, "train", finetune, _printer)
 
 
 def main(argv=None) -> dict:
