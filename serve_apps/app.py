@@ -67,6 +67,14 @@ fastapi_app = FastAPI(
 )
 
 
+def body_endpoint(path: str, body: type, response: type):
+    """POST `path`, which reads a JSON `body` itself (`LoraDiffusionServer._answer`) and
+    answers `response`; OpenAPI documents both and every error status."""
+    return fastapi_app.post(
+        path, response_model=response, responses=BODY_RESPONSES, openapi_extra=openapi_body(body)
+    )
+
+
 @fastapi_app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 with each error's field path, message and type (no echo of the input)."""
@@ -172,6 +180,12 @@ class LoraDiffusionServer:
             yield
         finally:
             self.active -= 1
+
+    async def _answer(self, request: Request, model, handle) -> dict:
+        """A body endpoint's way in: the token, then a slot, then the `model` body, `handle`d."""
+        self._check_token(request)
+        with self._slot():
+            return await handle(await self._body(request, model))
 
     async def _body(self, request: Request, model):
         raw = await read_body(request, self.s.max_body_bytes, self.s.body_timeout_s)
@@ -318,17 +332,9 @@ class LoraDiffusionServer:
                 503, detail=f"reload failed, still serving {self.loaded.versions}: {e}"
             ) from None
 
-    @fastapi_app.post(
-        "/v1/generate",
-        response_model=GenerateResponse,
-        responses=BODY_RESPONSES,
-        openapi_extra=openapi_body(GenerateBody),
-    )
+    @body_endpoint("/v1/generate", GenerateBody, GenerateResponse)
     async def generate(self, request: Request) -> dict:
-        self._check_token(request)
-        with self._slot():
-            body = await self._body(request, GenerateBody)
-            return await self._generate(body)
+        return await self._answer(request, GenerateBody, self._generate)
 
     async def _generate(self, body: GenerateBody) -> dict:
         from lora_diffusion.serving import GenerateRequest
@@ -364,17 +370,9 @@ class LoraDiffusionServer:
         out["timing"]["total_ms"] = round(1000 * (time.perf_counter() - start), 2)
         return {**out, "weights_source": source, "steps": steps}
 
-    @fastapi_app.post(
-        "/v1/classify",
-        response_model=ClassifyResponse,
-        responses=BODY_RESPONSES,
-        openapi_extra=openapi_body(ClassifyBody),
-    )
+    @body_endpoint("/v1/classify", ClassifyBody, ClassifyResponse)
     async def classify(self, request: Request) -> dict:
-        self._check_token(request)
-        with self._slot():
-            body = await self._body(request, ClassifyBody)
-            return await self._classify(body)
+        return await self._answer(request, ClassifyBody, self._classify)
 
     async def _classify(self, body: ClassifyBody) -> dict:
         from lora_diffusion.serving import ClassifyRequest
