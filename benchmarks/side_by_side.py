@@ -49,14 +49,14 @@ def add_ratios(rows: dict[str, dict], reference: str) -> None:
         r["mem_ratio"] = r["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else float("nan")
 
 
-COLUMNS = {  # a row's key: its column's title and format
-    "trainable": ("trainable", "10d"),
-    "seconds": ("s/{per}", "9.4f"),
-    "peak_mb": ("peak MB", "9.1f"),
-    "network_calls": ("calls", "6d"),
-    "calls_saved": ("saved", "6d"),
-    "time_ratio": ("time x", "7.2f"),
-    "mem_ratio": ("mem x", "7.2f"),
+COLUMNS = {  # a row's key: its column's title, width and format
+    "trainable": ("trainable", 10, "d"),
+    "seconds": ("s/{per}", 9, ".4f"),
+    "peak_mb": ("peak MB", 9, ".1f"),
+    "network_calls": ("calls", 6, "d"),
+    "calls_saved": ("saved", 6, "d"),
+    "time_ratio": ("time x", 7, ".2f"),
+    "mem_ratio": ("mem x", 7, ".2f"),
 }
 
 
@@ -64,10 +64,10 @@ def print_rows(rows: dict[str, dict], heading: str, keys, per: str, as_json: boo
     """`heading`, then a row a kind with the `keys` columns (`COLUMNS`; seconds per `per`);
     with `as_json`, the rows as one JSON line after."""
     name = max(map(len, rows)) + 1
-    cols = [(k, COLUMNS[k][0].format(per=per), COLUMNS[k][1]) for k in keys]
+    cols = [(k, *COLUMNS[k]) for k in keys]
     print(heading)
-    print(f"{'':{name}} " + " ".join(f"{t:>{int(spec[:-1].split('.')[0])}}" for _, t, spec in cols))
+    print(f"{'':{name}} " + " ".join(f"{t.format(per=per):>{w}}" for _, t, w, _ in cols))
     for kind, r in rows.items():
-        print(f"{kind:{name}} " + " ".join(f"{r[k]:{spec}}" for k, _, spec in cols))
+        print(f"{kind:{name}} " + " ".join(f"{r[k]:{w}{f}}" for k, _, w, f in cols))
     if as_json:
         print(json.dumps(rows))

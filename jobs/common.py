@@ -203,10 +203,10 @@ def add_set_flag(p: argparse.ArgumentParser, help: str) -> None:
     )
 
 
-def finetune_config(a, lr: float | None = None, train: dict | None = None, **fields):
+def finetune_config(a, train: dict | None = None, **fields):
     """A `FinetuneConfig` from the flags every training job shares (base, output dir, task,
-    method, data, limits, batch size, seed, steps), `fields` and `train` fields on top; the
-    learning rate is `lr`, else the method's default."""
+    method, data, limits, batch size, seed, steps, --lr where the job has it), `fields` and
+    `train` fields on top; without --lr the rate is the method's default."""
     import dataclasses
 
     from lora_diffusion.config import FinetuneConfig
@@ -214,8 +214,8 @@ def finetune_config(a, lr: float | None = None, train: dict | None = None, **fie
 
     shared = ("base", "output_dir", "task", "method", "data_dir", "train_limit", "eval_limit")
     cfg = FinetuneConfig(**{k: getattr(a, k) for k in shared}, **fields)
-    lr = lr if lr is not None else METHODS.get(a.method).default_lr
-    return dataclasses.replace(cfg, train=train_settings(a, cfg.train, lr=lr, **(train or {})))
+    train_cfg = dataclasses.replace(cfg.train, lr=METHODS.get(a.method).default_lr)
+    return dataclasses.replace(cfg, train=train_settings(a, train_cfg, **(train or {})))
 
 
 def train_settings(a, train, **fields):

@@ -105,7 +105,6 @@ def build_config(a):
 
     cfg = finetune_config(
         a,
-        lr=a.lr,
         eval_steps=a.eval_steps,
         checkpoint_every=a.checkpoint_every,
         resume_from=a.resume_from,

@@ -139,7 +139,7 @@ def test_each_training_job_puts_its_shared_flags_on_the_config_and_a_sweep_the_m
     from lora_diffusion.methods import METHODS
 
     a = train.Args(base="b", output_dir="o", method="bitfit", lr=0.02, batch_size=4, seed=3)
-    t = finetune_config(a, lr=a.lr).train
+    t = finetune_config(a).train
     assert (t.lr, t.batch_size, t.seed, t.max_steps) == (0.02, 4, 3, 1000)
     # a sweep has no --lr: its trials start from the method's rate (a space may set train.lr)
     s = sweep.Args(space="s.yaml", base="b", output_dir="o", method="bitfit", max_steps=7)
