@@ -212,10 +212,32 @@ def finetune_config(a, train: dict | None = None, **fields):
     from lora_diffusion.config import FinetuneConfig
     from lora_diffusion.methods import METHODS
 
-    shared = ("base", "output_dir", "task", "method", "data_dir", "train_limit", "eval_limit")
-    cfg = FinetuneConfig(**{k: getattr(a, k) for k in shared}, **fields)
+    shared = "base output_dir task method data_dir train_limit eval_limit"
+    cfg = from_flags(FinetuneConfig, a, shared, **fields)
     train_cfg = dataclasses.replace(cfg.train, lr=METHODS.get(a.method).default_lr)
     return dataclasses.replace(cfg, train=train_settings(a, train_cfg, **(train or {})))
+
+
+def from_flags(config_class: type, a, names: str, **fields):
+    """`config_class(...)` with each field in `names` (space-separated) set from the flag of the
+    same name, and `fields` as given (those the job computes from its flags)."""
+    return config_class(**{name: getattr(a, name) for name in names.split()}, **fields)
+
+
+def add_task_flags(p: argparse.ArgumentParser, method: str | None = None) -> None:
+    """`--task`, one of the shipped tasks (default sst2), and where `method` says what it is,
+    `--method` (default lora_diffusion)."""
+    if method is not None:
+        p.add_argument(
+            "--method",
+            default="lora_diffusion",
+            choices=METHOD_LR,
+            metavar="METHOD",
+            help=f"{method}, one of: " + ", ".join(METHOD_LR),
+        )
+    p.add_argument(
+        "--task", default="sst2", choices=TASKS, metavar="TASK", help="one of: " + ", ".join(TASKS)
+    )
 
 
 def train_settings(a, train, **fields):

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from jobs.common import TASKS, base_parser, emit, fail
+from jobs.common import add_task_flags, base_parser, emit, fail, from_flags
 
 
 def parse_args(argv=None):
     p = base_parser(__doc__.splitlines()[0], training=False, base=True)
     p.add_argument("--adaptor", default=None, help="adaptor folder; omit to evaluate the base")
-    p.add_argument(
-        "--task", default="sst2", choices=TASKS, metavar="TASK", help="one of: " + ", ".join(TASKS)
-    )
+    add_task_flags(p)
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate only N examples")
     p.add_argument("--eval-steps", type=int, default=None, help="sampling steps (default: T)")
     p.add_argument(
@@ -57,16 +55,11 @@ def main(argv=None) -> dict:
                 model = load_method(a.adaptor, base, check_base=not a.no_base_check)
         except AdaptorFileError as e:
             fail(str(e))
-    cfg = FinetuneConfig(
-        base=a.base,
+    cfg = from_flags(
+        FinetuneConfig,
+        a,
+        "base task data_dir eval_limit eval_steps eval_temperature scoring_num_t max_length",
         output_dir="",
-        task=a.task,
-        data_dir=a.data_dir,
-        eval_limit=a.eval_limit,
-        eval_steps=a.eval_steps,
-        eval_temperature=a.eval_temperature,
-        scoring_num_t=a.scoring_num_t,
-        max_length=a.max_length,
         forgetting_blocks=a.forgetting_blocks if a.adaptor else 0,
     )
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=a.seed))

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from jobs.common import MULTITASK_STEPS, base_parser, config_error, emit, fail, train_settings
+from jobs.common import (
+    MULTITASK_STEPS,
+    base_parser,
+    config_error,
+    emit,
+    fail,
+    from_flags,
+    train_settings,
+)
 
 
 def parser():
@@ -46,17 +54,13 @@ def run(a: Args) -> dict:
     from lora_diffusion.multitask import MultitaskConfig, train_multitask
 
     try:
-        cfg = MultitaskConfig(
-            base=a.base,
-            output_dir=a.output_dir,
+        cfg = from_flags(
+            MultitaskConfig,
+            a,
+            "base output_dir routing_loss data_dir train_limit eval_limit threads",
             tasks=tuple(a.tasks.split(",")),
             adaptor_dirs=tuple(a.adaptor),
             train_router_only=a.router_only,
-            routing_loss=a.routing_loss,
-            data_dir=a.data_dir,
-            train_limit=a.train_limit,
-            eval_limit=a.eval_limit,
-            threads=a.threads,
         )
         train = train_settings(a, cfg.train)
         cfg = apply_overrides(dataclasses.replace(cfg, train=train), a.overrides)

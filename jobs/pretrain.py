@@ -20,6 +20,7 @@ from jobs.common import (
     base_parser,
     config_error,
     fail,
+    from_flags,
     train_settings,
 )
 from jobs.tracking import (
@@ -74,23 +75,14 @@ def build_config(a):
     from lora_diffusion.config import apply_overrides
     from lora_diffusion.pretraining import PretrainConfig
 
-    cfg = PretrainConfig(
+    cfg = from_flags(
+        PretrainConfig,
+        a,
+        "output_dir preset vocab_size tokenizer init_from block_length time_conditioning "
+        "max_documents task_text_repeat data_dir heldout_blocks checkpoint_every resume_from "
+        "threads",
         corpus_dir=a.corpus_dir or os.path.join(a.data_dir, "corpus"),
-        output_dir=a.output_dir,
-        preset=a.preset,
-        vocab_size=a.vocab_size,
-        tokenizer=a.tokenizer,
-        init_from=a.init_from,
-        block_length=a.block_length,
-        time_conditioning=a.time_conditioning,
-        max_documents=a.max_documents,
         task_text=tuple(t.strip() for t in a.task_text.split(",") if t.strip()),
-        task_text_repeat=a.task_text_repeat,
-        data_dir=a.data_dir,
-        heldout_blocks=a.heldout_blocks,
-        checkpoint_every=a.checkpoint_every,
-        resume_from=a.resume_from,
-        threads=a.threads,
     )
     train = train_settings(a, cfg.train, warmup_steps=a.warmup_steps, eval_every=a.eval_every)
     diffusion = dataclasses.replace(

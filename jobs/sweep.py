@@ -28,8 +28,7 @@ import yaml
 from jobs import raytrain
 from jobs.common import (
     FINETUNE_STEPS,
-    METHOD_LR,
-    TASKS,
+    add_task_flags,
     base_parser,
     config_error,
     emit,
@@ -253,10 +252,7 @@ def trial_run(spec: dict | None, name: str, params: dict, cfg) -> MlflowRun:
 def parser():
     p = base_parser(__doc__.splitlines()[0], max_steps=FINETUNE_STEPS, base=True)
     p.add_argument("--space", required=True, help="a space file, e.g. tune_spaces/broad.yaml")
-    p.add_argument("--task", default="sst2", choices=TASKS, metavar="TASK",
-                   help="one of: " + ", ".join(TASKS))  # fmt: skip
-    p.add_argument("--method", default="lora_diffusion", choices=METHOD_LR, metavar="METHOD",
-                   help="the tuned method, one of: " + ", ".join(METHOD_LR))  # fmt: skip
+    add_task_flags(p, method="the tuned method")
     p.add_argument(
         "--num-samples",
         type=int,

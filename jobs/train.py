@@ -17,8 +17,8 @@ from jobs.common import (
     FINETUNE_STEPS,
     METHOD_LR,
     RANKS,
-    TASKS,
     K,
+    add_task_flags,
     base_parser,
     config_error,
     fail,
@@ -36,16 +36,7 @@ from jobs.tracking import (
 
 def parser():
     p = base_parser(__doc__.splitlines()[0], max_steps=FINETUNE_STEPS, base=True)
-    p.add_argument(
-        "--method",
-        default="lora_diffusion",
-        choices=METHOD_LR,
-        metavar="METHOD",
-        help="one of: " + ", ".join(METHOD_LR),
-    )
-    p.add_argument(
-        "--task", default="sst2", choices=TASKS, metavar="TASK", help="one of: " + ", ".join(TASKS)
-    )
+    add_task_flags(p, method="the method to train")
     p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
     p.add_argument(
         "--lr",
