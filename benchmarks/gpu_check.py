@@ -163,7 +163,7 @@ def finetune(a, device: str) -> dict:
                 "eval_accuracy_scoring",
                 "forgetting",
                 "train_seconds",
-                "peak_mb",
+                "train_peak_mb",
                 "trainable_params",
             )
             results[method] = {k: r.get(k) for k in keep}
@@ -253,7 +253,7 @@ def summary(report: dict) -> str:
                     "eval_accuracy_scoring",
                     "forgetting",
                     "train_seconds",
-                    "peak_mb",
+                    "train_peak_mb",
                 )
             ]
             lines.append(f"| {m} | " + " | ".join(_cell(c) for c in cells) + " |")

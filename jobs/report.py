@@ -27,7 +27,9 @@ from jobs.tracking import check_reachable, tracking_uri
 
 PARENT_TAG = "mlflow.parentRunId"  # set on jobs/sweep.py's trial runs
 NOT_TRAINING = {"sweep", "base", "report"}  # tag `kind` of sweep parents, pretraining, reports
-PEAK_MEMORY_KEYS = ("peak_mb", "peak_memory_mb")  # as benchmarks/ name it; no job logs it yet
+# A run's own peak (finetune.PeakMemory). Not `peak_mb`: older runs logged the process's
+# high-water mark under it, which charges each run with the runs before it in that process.
+PEAK_MEMORY_KEYS = ("train_peak_mb",)
 ABSENT = "—"
 SELF_FULL = ("lora_diffusion", "full")  # the rows the paper's efficiency claims compare against
 
@@ -247,6 +249,7 @@ def paper_table(groups, values) -> list[str]:
         efficient = [(v, m) for m, v in others.items() if v is not None and m not in SELF_FULL]
         best = max(efficient, default=None)
         share = get("trainable_pct", "lora_diffusion")
+        memory = get("peak_memory", "lora_diffusion"), get("peak_memory", "full")
         prefix = get("loss_reduction_pct", "prefix")
         below = [m for m, v in others.items() if v is not None and v < 0.5]
         rows += [
@@ -255,6 +258,9 @@ def paper_table(groups, values) -> list[str]:
             [task, "LoRA-Diffusion beats the other parameter-efficient methods",
              ABSENT if best is None else f"scoring {pct(ld)} vs best other {pct(best[0])} "
              f"({best[1]})"],
+            [task, "training needs a fraction of full fine-tuning's memory",
+             ABSENT if None in memory or not memory[1] else f"peak {memory[0]:.0f} MB vs full "
+             f"{memory[1]:.0f} MB ({memory[0] / memory[1]:.2f} x)"],
             [task, "under 1% of the base's parameters train",
              ABSENT if share is None else f"{share:.2f}% (the share falls with the base's width)"],
             [task, "prefix tuning could not be made to train",

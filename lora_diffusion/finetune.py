@@ -79,6 +79,7 @@ def finetune(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
+    peak = PeakMemory(dist.device)
     torch.manual_seed(cfg.train.seed)
     base, tok = load_base(cfg.base)
     bundle = METHODS.get(cfg.method).build(cfg, base)
@@ -137,8 +138,8 @@ def finetune(
         "steps": state.step,
         "resumed_from_step": checkpoint_step(cfg.resume_from),
         "train_seconds": train_seconds,
-        "peak_mb": _peak_mb(dist.device),
     }
+    result.update(peak.read())
     result["convergence_step"] = _convergence(state.history)
     if bundle.describe is not None:
         result.update(_describe(bundle.describe(), out_dir, cfg.task))
@@ -150,14 +151,50 @@ def finetune(
     return result
 
 
-def _peak_mb(device) -> float:
-    """Peak memory of training: the GPU's max allocated bytes, or on CPU the process's peak
-    resident set (base, data and all; a process-wide high-water mark)."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 1e6
-    import resource
+class PeakMemory:
+    """The memory one run adds at its peak, from its start to `read()`: base, data, activations,
+    gradients and optimizer state, but nothing an earlier run in the same process left behind.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    On a GPU: `max_memory_allocated` since a reset at the start, less what was allocated then.
+    On CPU (Linux): the resident set's high-water mark (VmHWM) after resetting it at the start
+    (`/proc/self/clear_refs`, "5"), less the resident set then. Where neither reset exists
+    (other systems) `read()` gives nothing rather than a process-wide figure, which would
+    charge each run with every run before it.
+    """
+
+    CLEAR_REFS = Path("/proc/self/clear_refs")
+    STATUS = Path("/proc/self/status")
+
+    def __init__(self, device) -> None:
+        self.cuda = str(device).startswith("cuda")
+        self.device = device
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            self.floor = torch.cuda.memory_allocated(device)
+            return
+        try:
+            self.CLEAR_REFS.write_text("5")
+            self.floor = self._status_kib("VmRSS")
+        except OSError:
+            self.floor = None
+
+    def _status_kib(self, field: str) -> int:
+        for line in self.STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise OSError(f"no {field} in {self.STATUS}")
+
+    def read(self) -> dict[str, float]:
+        """{"train_peak_mb": MB above the start} (1 MB = 1e6 bytes), or {} where unmeasured."""
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated(self.device) - self.floor
+            return {"train_peak_mb": peak / 1e6}
+        if self.floor is None:
+            return {}
+        try:
+            return {"train_peak_mb": (self._status_kib("VmHWM") - self.floor) * 1024 / 1e6}
+        except OSError:
+            return {}
 
 
 def train_and_holdout(cfg: FinetuneConfig, tok) -> tuple[Any, Any | None]:

@@ -1,14 +1,16 @@
-"""The fine-tuning recipe's own pieces: LoRA-Diffusion's lazy nuclear-norm term."""
+"""The fine-tuning recipe's own pieces: LoRA-Diffusion's lazy nuclear-norm term, the peak
+memory a run reports."""
 
 import json
 
 import pytest
 import torch
 
-from lora_diffusion.finetune import FinetuneConfig
+from lora_diffusion.finetune import FinetuneConfig, finetune
 from lora_diffusion.methods import METHODS
 from lora_diffusion.models import DiffusionLM, preset_config
 from lora_diffusion.training import TrainConfig
+from tests.helpers import finetune_config
 
 
 def extra_terms(tmp_path, rank_every, resume_step=None, grad_accum=1, calls=6):
@@ -54,3 +56,13 @@ def test_a_resumed_run_applies_the_nuclear_norm_at_the_uninterrupted_run_s_steps
 def test_rank_every_below_one_is_refused_by_name():
     with pytest.raises(ValueError, match="rank_every"):
         FinetuneConfig(base="-", output_dir="-", rank_every=0)
+
+
+def test_a_run_s_peak_memory_leaves_out_what_the_process_held_at_its_peak_before(
+    tiny_base_dir, data_dir, tmp_path
+):
+    cfg = finetune_config(tiny_base_dir, data_dir, tmp_path, train_limit=8)
+    before = torch.ones(400 * 2**20 // 4)  # 400 MiB resident, then handed back
+    del before
+    result = finetune(cfg, progress=False)
+    assert 0 < result["train_peak_mb"] < 300
