@@ -77,18 +77,9 @@ def sample(
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if isinstance(steps, Sequence):
-        return _sample_rows(
-            denoiser,
-            process,
-            schedule,
-            input_ids,
-            attention_mask,
-            target_mask,
-            list(steps),
-            generator,
-            temperature,
-        )
+    if isinstance(steps, Sequence):  # a step count per row
+        batch = (input_ids, attention_mask, target_mask, list(steps))
+        return _sample_rows(denoiser, process, schedule, *batch, generator, temperature)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     per_row = isinstance(generator, Sequence)
