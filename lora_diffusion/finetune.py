@@ -6,6 +6,9 @@ record's builder wraps the base and says which parameters train and how to save 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import time
 from collections.abc import Callable
@@ -151,15 +154,28 @@ def finetune(
     return result
 
 
+def _return_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc; a no-op elsewhere)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # no C library found, or not glibc
+        pass
+
+
 class PeakMemory:
     """The memory one run adds at its peak, from its start to `read()`: base, data, activations,
     gradients and optimizer state, but nothing an earlier run in the same process left behind.
 
     On a GPU: `max_memory_allocated` since a reset at the start, less what was allocated then.
     On CPU (Linux): the resident set's high-water mark (VmHWM) after resetting it at the start
-    (`/proc/self/clear_refs`, "5"), less the resident set then. Where neither reset exists
-    (other systems) `read()` gives nothing rather than a process-wide figure, which would
-    charge each run with every run before it.
+    (`/proc/self/clear_refs`, "5"), less the resident set then. Before that reset the heap's
+    free pages go back to the system (`gc.collect`, glibc `malloc_trim(0)`): memory an earlier
+    run freed but the process kept would otherwise be reused without raising the resident set,
+    and a second run in a process read a fraction of its peak (full fine-tuning of small-h200,
+    5 steps x 32: 157 MB after other runs, 501 MB alone; 469-506 MB with the trim). Where
+    neither reset exists (other systems) `read()` gives nothing rather than a process-wide
+    figure, which would charge each run with every run before it.
     """
 
     CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -173,6 +189,7 @@ class PeakMemory:
             self.floor = torch.cuda.memory_allocated(device)
             return
         try:
+            _return_free_heap()
             self.CLEAR_REFS.write_text("5")
             self.floor = self._status_kib("VmRSS")
         except OSError:

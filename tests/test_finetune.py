@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lora_diffusion.finetune import FinetuneConfig, finetune
+from lora_diffusion.finetune import FinetuneConfig, PeakMemory, finetune
 from lora_diffusion.methods import METHODS
 from lora_diffusion.models import DiffusionLM, preset_config
 from lora_diffusion.training import TrainConfig
@@ -66,3 +66,15 @@ def test_a_run_s_peak_memory_leaves_out_what_the_process_held_at_its_peak_before
     del before
     result = finetune(cfg, progress=False)
     assert 0 < result["train_peak_mb"] < 300
+
+
+def test_a_run_s_peak_memory_counts_memory_it_reuses_from_what_the_process_freed_before():
+    # 100 MiB in 64 KiB blocks, freed below a live tensor: the heap cannot shrink, so it keeps
+    # those pages resident, and new blocks would reuse them without raising the resident set
+    held = [torch.ones(16384) for _ in range(1600)]
+    pin = torch.ones(16)
+    del held
+    peak = PeakMemory("cpu")
+    new = [torch.ones(16384) for _ in range(800)]  # 50 MiB
+    assert 40 < peak.read()["train_peak_mb"] < 120
+    del new, pin
