@@ -172,8 +172,7 @@ class PeakMemory:
     (`/proc/self/clear_refs`, "5"), less the resident set then. Before that reset the heap's
     free pages go back to the system (`gc.collect`, glibc `malloc_trim(0)`): memory an earlier
     run freed but the process kept would otherwise be reused without raising the resident set,
-    and a second run in a process read a fraction of its peak (full fine-tuning of small-h200,
-    5 steps x 32: 157 MB after other runs, 501 MB alone; 469-506 MB with the trim). Where
+    and a second run in a process would read a fraction of its peak. Where
     neither reset exists (other systems) `read()` gives nothing rather than a process-wide
     figure, which would charge each run with every run before it.
     """
