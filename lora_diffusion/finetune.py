@@ -7,7 +7,6 @@ record's builder wraps the base and says which parameters train and how to save 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import json
 import time
@@ -155,11 +154,12 @@ def finetune(
 
 
 def _return_free_heap() -> None:
-    """Hand the C heap's free pages back to the system (glibc; a no-op elsewhere)."""
+    """Hand the C heap's free pages back to the system (glibc; a no-op elsewhere). The
+    process's own symbols hold libc's: no `find_library`, which runs ldconfig each call."""
     gc.collect()
     try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # no C library found, or not glibc
+        ctypes.CDLL(None).malloc_trim(0)
+    except AttributeError:  # not glibc
         pass
 
 
@@ -172,9 +172,9 @@ class PeakMemory:
     (`/proc/self/clear_refs`, "5"), less the resident set then. Before that reset the heap's
     free pages go back to the system (`gc.collect`, glibc `malloc_trim(0)`): memory an earlier
     run freed but the process kept would otherwise be reused without raising the resident set,
-    and a second run in a process would read a fraction of its peak. Where
-    neither reset exists (other systems) `read()` gives nothing rather than a process-wide
-    figure, which would charge each run with every run before it.
+    and a second run in a process would read a fraction of its peak. Where neither reset
+    exists (other systems) `read()` gives nothing rather than a process-wide figure, which
+    would charge each run with every run before it.
     """
 
     CLEAR_REFS = Path("/proc/self/clear_refs")
