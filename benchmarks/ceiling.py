@@ -248,10 +248,11 @@ def main(argv=None) -> dict:
     p.add_argument("--dim", type=int, default=64, help="attention probes' width (64)")
     p.add_argument("--adaptor", action="append", help="NAME:key=value,... (repeatable)")
     p.add_argument(
-        "--attention-layers", action="append",
+        "--attention-layers",
+        action="append",
         help="layers of one attention probe, e.g. 0,3,-1 or all (repeatable; default: -1, 0, "
         "0,3,-1 and all)",
-    )  # fmt: skip
+    )
     p.add_argument("--skip-pooled", action="store_true", help="no linear or MLP probes")
     p.add_argument("--skip-probes", action="store_true", help="adaptor rows only")
     p.add_argument("--data-dir", default=None, help="task data folder")

@@ -86,8 +86,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--serve-max-seconds", type=float, default=None)
     p.add_argument("--serve-port", type=int, default=8011)
     p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of the benchmarks")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds per benchmark (default 1800, 600 with --quick)")  # fmt: skip
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per benchmark (default 1800, 600 with --quick)",
+    )
     a = p.parse_args(argv)
     a.only = [b.strip() for b in a.only.split(",") if b.strip()]
     unknown = [b for b in a.only if b not in BENCHES]
@@ -182,10 +186,16 @@ def environment(a: argparse.Namespace, env: dict) -> dict:
     )
     rc, out, err = run_child([sys.executable, "-c", code], env, 120)
     info = last_json(out) if rc == 0 else {"probe_error": (err or "").strip()[-500:]}
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip()  # fmt: skip
-    return {"python": platform.python_version(), "platform": platform.platform(),
-            "cpus": os.cpu_count(), "git": git or None, **info}  # fmt: skip
+    git = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "git": git or None,
+        **info,
+    }
 
 
 # --- formatting -------------------------------------------------------------------------
@@ -355,6 +365,9 @@ def rows_sampling(raw: dict) -> list[dict]:
     ]
 
 
+STEP_COMMANDS = {"adaptor": cmd_adaptor, "methods": cmd_methods, "sampling": cmd_sampling}
+
+
 def cmd_serve(a, s, out_json: str) -> list[str]:
     return [sys.executable, str(HERE / "serve_load.py"), "--base", str(Path(a.base).resolve()),
             "--requests", str(s["requests"]), "--ratio-requests", str(s["ratio_requests"]),
@@ -472,8 +485,7 @@ def main(argv=None) -> int:
                 tmp = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
                 cmd = cmd_serve(a, s, tmp)
             else:
-                cmd = {"adaptor": cmd_adaptor, "methods": cmd_methods,
-                       "sampling": cmd_sampling}[bench](a, s)  # fmt: skip
+                cmd = STEP_COMMANDS[bench](a, s)
             shown = " ".join(Path(c).name if c.endswith(".py") else c for c in cmd[1:])
             log(f"{bench}: running {shown}")
             t0 = time.perf_counter()
@@ -514,8 +526,8 @@ def main(argv=None) -> int:
         log("terminated: writing what was measured so far")
         left = [b for b in plan if b not in result["raw"] and b not in result["failed"]]
         result["failed"]["run_all"] = f"terminated before the end; not measured: {left}"
-        rows.append(row("run_all", "run_all", "TERMINATED", None,
-                        f"not measured: {', '.join(left) or 'none'}"))  # fmt: skip
+        unmeasured = f"not measured: {', '.join(left) or 'none'}"
+        rows.append(row("run_all", "run_all", "TERMINATED", None, unmeasured))
     if "serve" in result["skipped"]:
         rows.append(
             row(

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from jobs.common import PAPER_METHODS, add_set_flag, base_parser, emit, fail
-from jobs.tracking import check_reachable, tracking_uri
+from jobs.tracking import TRACKING_URI_HELP, check_reachable, tracking_uri
 
 STAGES = ("methods", "data_size", "ablations", "tasks", "bases", "report")
 SCALES = {
@@ -71,8 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default="runs/experiments", help="every job's folder")
     p.add_argument("--report-dir", default="docs", help="RESULTS.md and figures/ go here")
     p.add_argument("--experiment", default="lora-diffusion/paper", help="MLflow experiment")
-    p.add_argument("--tracking-uri", default=None,
-                   help="default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")  # fmt: skip
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     p.add_argument("--quick", action="store_true", help="the quick scale (~20 min)")
     p.add_argument("--stages", default=",".join(STAGES), help="comma list of stages to run")
     p.add_argument("--task", default="sst2", help="the task of methods/data_size/ablations")
@@ -85,8 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default=None, help="tasks stage: comma list (>= 2)")
     p.add_argument("--spaces", default=None, help="ablations stage: tune_spaces/ names")
     p.add_argument("--tsne-per-task", type=int, default=None, help="t-SNE: examples per task")
-    p.add_argument("--bases", default="",
-                   help="bases stage: further base folders (other sizes), comma list")  # fmt: skip
+    p.add_argument(
+        "--bases", default="", help="bases stage: further base folders (other sizes), comma list"
+    )
     p.add_argument("--base-methods", default=None, help="bases stage: methods")
     p.add_argument("--train-limit", type=int, default=None, help="methods/tasks: train subset")
     p.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from jobs.common import base_parser, emit, fail
-from jobs.tracking import check_reachable, register, tracking_uri
+from jobs.tracking import TRACKING_URI_HELP, check_reachable, register, tracking_uri
 
 #: Run tags a version inherits when a run is registered here (set by jobs/train.py).
 LINEAGE_TAGS = ("task", "method", "base_fingerprint", "base_name", "base_version")
@@ -18,11 +18,7 @@ LINEAGE_TAGS = ("task", "method", "base_fingerprint", "base_name", "base_version
 
 def parse_args(argv=None):
     p = base_parser(__doc__.splitlines()[0], training=False)
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db",
-    )
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     p.add_argument("--list", metavar="NAME", default=None, help="print NAME's versions")
     p.add_argument(
         "--name",

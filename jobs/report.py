@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from jobs.common import base_parser, emit, fail
-from jobs.tracking import check_reachable, tracking_uri
+from jobs.tracking import TRACKING_URI_HELP, check_reachable, tracking_uri
 
 PARENT_TAG = "mlflow.parentRunId"  # set on jobs/sweep.py's trial runs
 NOT_TRAINING = {"sweep", "base", "report"}  # tag `kind` of sweep parents, pretraining, reports
@@ -71,17 +71,28 @@ BASE_COLUMNS = tuple(_BY_KEY[k] for k in BASE_KEYS)  # Table 12: a few of the co
 
 def parser():
     p = base_parser(__doc__.splitlines()[0], training=False)
-    p.add_argument("--experiment", action="append", required=True, metavar="NAME",
-                   help="MLflow experiment to read (repeatable); the report run goes to "
-                   "the first")  # fmt: skip
-    p.add_argument("--tracking-uri", default=None,
-                   help="default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")  # fmt: skip
+    p.add_argument(
+        "--experiment",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="MLflow experiment to read (repeatable); the report run goes to the first",
+    )
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     p.add_argument("--output-dir", default="docs", help="RESULTS.md and figures/ go here")
-    p.add_argument("--runs-filter", default="", metavar="FILTER",
-                   help="MLflow search filter on the runs: \"tags.method = 'x'\"")  # fmt: skip
+    p.add_argument(
+        "--runs-filter",
+        default="",
+        metavar="FILTER",
+        help="MLflow search filter on the runs: \"tags.method = 'x'\"",
+    )
     p.add_argument("--no-log", action="store_true", help="do not log a `report` run to MLflow")
-    p.add_argument("--made-by", default="", metavar="COMMAND",
-                   help="the command that made the runs, stated under the title")  # fmt: skip
+    p.add_argument(
+        "--made-by",
+        default="",
+        metavar="COMMAND",
+        help="the command that made the runs, stated under the title",
+    )
     return p
 
 

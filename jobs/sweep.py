@@ -270,9 +270,12 @@ def parser():
         help="hold out the last N train rows, never trained on: trials report and ASHA stops on "
         "their val_* scores, and --metric defaults to val_accuracy_scoring (0: the eval split's)",
     )
-    p.add_argument("--metric", default=None,
-                   help="what ranks trials (default: the space's metric, else "
-                   "eval_accuracy_scoring; with --holdout its val_ version)")  # fmt: skip
+    p.add_argument(
+        "--metric",
+        default=None,
+        help="what ranks trials (default: the space's metric, else "
+        "eval_accuracy_scoring; with --holdout its val_ version)",
+    )
     p.add_argument("--mode", choices=("max", "min"), default=None, help="default: the space's")
     p.add_argument(
         "--scheduler",
@@ -293,8 +296,12 @@ def parser():
         help="random/grid (Tune's variant generator) or Optuna (if installed)",
     )
     p.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs (and threads) per trial")
-    p.add_argument("--gpus-per-trial", type=float, default=0,
-                   help="GPUs per trial (> 0: the trial trains on cuda)")  # fmt: skip
+    p.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=0,
+        help="GPUs per trial (> 0: the trial trains on cuda)",
+    )
     p.add_argument(
         "--max-concurrent",
         type=int,

@@ -30,17 +30,17 @@ from jobs.common import emit, fail
 
 ADAPTOR_MODEL_CODE = Path(__file__).with_name("adaptor_model.py")
 EXPERIMENT_PREFIX = "lora-diffusion"
+TRACKING_URI_HELP = (
+    "MLflow tracking URI (http://..., sqlite:///..., postgresql://...); default "
+    "$MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db"
+)
 
 
 def add_tracking_flags(
     p: argparse.ArgumentParser, register_help: str, register_flag: str = "--register"
 ) -> None:
     g = p.add_argument_group("tracking (MLflow)")
-    g.add_argument(
-        "--tracking-uri", default=None,
-        help="MLflow tracking URI (http://..., sqlite:///..., postgresql://...); default "
-        "$MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db",
-    )  # fmt: skip
+    g.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     g.add_argument("--experiment", default=None, help="experiment name (default: per task)")
     g.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
     g.add_argument(
@@ -53,8 +53,8 @@ def add_tracking_flags(
         help=register_help,
     )
     g.add_argument("--alias", default=None, help="with --register: set this alias on the version")
-    g.add_argument("--tag", dest="tags", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra run tag, repeatable (e.g. study=data_size)")  # fmt: skip
+    tag = "extra run tag, repeatable (e.g. study=data_size)"
+    g.add_argument("--tag", dest="tags", action="append", default=[], metavar="KEY=VALUE", help=tag)
 
 
 def parse_tags(items: list[str]) -> dict[str, str]:

@@ -410,8 +410,12 @@ def test_settings_refuse_unknown_keys_and_resolve_paths(tmp_path, monkeypatch):
     )
 
 
-PROTECTED = [("GET", "/v1/adaptors"), ("POST", "/v1/admin/reload"), ("POST", "/v1/generate"),
-             ("POST", "/v1/classify")]  # fmt: skip
+PROTECTED = [
+    ("GET", "/v1/adaptors"),
+    ("POST", "/v1/admin/reload"),
+    ("POST", "/v1/generate"),
+    ("POST", "/v1/classify"),
+]
 
 
 @pytest.mark.parametrize(("method", "path"), PROTECTED, ids=[p for _, p in PROTECTED])
