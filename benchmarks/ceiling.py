@@ -19,8 +19,8 @@ on the eval split:
 
 Each row trains with AdamW, batch 64, --steps steps, seed --seed; the table prints held-out
 train accuracy (for choosing) and eval accuracy (for reporting), and the trainable
-parameter count. Settings: `--adaptor NAME:key=value,key=value` (AdaptorConfig fields; the
-adaptor runs as one phase at t = 1).
+parameter count. Settings: `--adaptor NAME:key=value,key=value` (AdaptorConfig fields, and
+`lr=`, `seed=` for the row; the adaptor runs as one phase at t = 1).
 """
 
 from __future__ import annotations
@@ -215,24 +215,28 @@ def adaptor_on_decision(base, cands, train: Cached, tests, cfg, steps, seed, lr)
     return accuracies(loglik, tests), sum(p.numel() for p in adaptor.parameters())
 
 
-def parse_adaptor(spec: str, lr: float) -> tuple[str, AdaptorConfig, float]:
-    """`NAME:key=value,...` -> (name, AdaptorConfig of one phase, learning rate); `lr=` sets
-    the row's learning rate, list values are separated by `;`."""
+def parse_adaptor(spec: str, lr: float, seed: int) -> tuple[str, AdaptorConfig, float, int]:
+    """`NAME:key=value,...` -> (name, AdaptorConfig of one phase, learning rate, seed); `lr=`
+    and `seed=` set the row's own, list values are separated by `;`."""
     name, _, body = spec.partition(":")
     kw: dict = {"ranks": (64,), "sigmas": (1.0,), "boundaries": ()}
     for item in filter(None, body.split(",")):
         key, _, value = item.partition("=")
         if key == "lr":
             lr = float(value)
+        elif key == "seed":
+            seed = int(value)
         elif key in ("reader_layers", "ranks"):
             kw[key] = tuple(int(v) for v in value.split(";"))
-        elif key in ("reader_dim", "reader_heads", "k"):
+        elif key in ("reader_dim", "reader_heads", "reader_depth", "k"):
             kw[key] = int(value)
+        elif key == "reader_ladder":
+            kw[key] = value.lower() in ("1", "true", "yes")
         elif key.startswith("lambda"):
             kw[key] = float(value)
         else:
             kw[key] = value
-    return name, AdaptorConfig(**kw), lr
+    return name, AdaptorConfig(**kw), lr, seed
 
 
 def main(argv=None) -> dict:
@@ -307,9 +311,9 @@ def main(argv=None) -> dict:
         show(f"attention k{a.dim}, layers {spec}", accs, params, t0)
     cands = label_candidates(a.task, tok, target_length_for(a.task, tok))
     for spec in a.adaptor or DEFAULT_ADAPTORS:
-        name, cfg, lr = parse_adaptor(spec, a.lr)
+        name, cfg, lr, seed = parse_adaptor(spec, a.lr, a.seed)
         t0 = time.perf_counter()
-        accs, params = adaptor_on_decision(base, cands, train, tests, cfg, a.steps, a.seed, lr)
+        accs, params = adaptor_on_decision(base, cands, train, tests, cfg, a.steps, seed, lr)
         show(f"adaptor: {name}", accs, params, t0)
     if a.output:
         Path(a.output).write_text(json.dumps(rows, indent=2))

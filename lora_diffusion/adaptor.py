@@ -52,7 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .models.dit import timestep_embedding
-from .reader import READERS, StateReader, count_reader_parameters
+from .reader import READERS, StateReader, check_depth, count_reader_parameters
 
 #: Representations of x_t and of the condition c an adaptor can read from the frozen base.
 CONDITION_REPRS = ("hidden", "embedding")
@@ -113,6 +113,14 @@ class AdaptorConfig:
         metadata={"help": "add the condition's mean reading to every position: mean | none"},
     )
     reader_heads: int = field(default=4, metadata={"help": "the reader's attention heads"})
+    reader_depth: int = field(default=1, metadata={"help": "the reader's attention blocks"})
+    reader_ladder: bool = field(
+        default=False,
+        metadata={
+            "help": "block j reads reader_layers[j] (Ladder Side-Tuning) instead of one mix "
+            "of them at the input; needs reader_depth >= len(reader_layers)"
+        },
+    )
     time_embed_dim: int = field(default=32, metadata={"help": "sinusoidal Emb(t) size"})
     conditional: bool = field(default=True, metadata={"help": "A_i(c) depends on Enc(c)"})
     lambda_rank: float = field(default=0.01, metadata={"help": "nuclear-norm weight"})
@@ -157,6 +165,8 @@ class AdaptorConfig:
                 f"adaptor.reader_dim and reader_heads must be >= 1: "
                 f"{self.reader_dim}, {self.reader_heads}"
             )
+        if self.reader != "none":
+            check_depth(self.reader_depth, self.reader_ladder, len(self.reader_layers))
         if self.condition_norm not in CONDITION_NORMS:
             raise ValueError(
                 f"adaptor.condition_norm must be layer or none: {self.condition_norm!r}"
@@ -189,7 +199,13 @@ def count_adaptor_parameters(cfg: AdaptorConfig, d: int) -> int:
     query = d if cfg.conditional and cfg.condition_pool == "attention" else 0
     reader = 0
     if cfg.reader != "none":
-        reader = count_reader_parameters(d, len(cfg.reader_layers), cfg.reader_dim)
+        reader = count_reader_parameters(
+            d,
+            len(cfg.reader_layers),
+            cfg.reader_dim,
+            depth=cfg.reader_depth,
+            ladder=cfg.reader_ladder,
+        )
     return sum(cfg.k * per(r) for r in cfg.ranks) + query + reader
 
 
@@ -238,7 +254,13 @@ class TrajectoryAdaptor(nn.Module):
         self.cfg, self.d = cfg, d
         self.reader = (
             StateReader(
-                d, cfg.reader_layers, cfg.reader_dim, cfg.reader_heads, summary=cfg.reader_summary
+                d,
+                cfg.reader_layers,
+                cfg.reader_dim,
+                cfg.reader_heads,
+                summary=cfg.reader_summary,
+                depth=cfg.reader_depth,
+                ladder=cfg.reader_ladder,
             )
             if cfg.reader == "attention"
             else None

@@ -1,5 +1,7 @@
 """The trajectory adaptor: phases, conditioning, regularisers, frozen base."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from lora_diffusion.adaptor import (
 )
 from lora_diffusion.composition import AdaptedDenoiser
 from lora_diffusion.models.dit import timestep_embedding
+from lora_diffusion.reader import StateReader
 
 D = 64
 
@@ -319,11 +322,53 @@ def test_reader_training_never_touches_the_base_and_trains_the_reader(tiny_model
     assert not torch.equal(adaptor.reader.mix, mix)
 
 
+@pytest.mark.parametrize("kw", [{"reader_depth": 2}, {"reader_depth": 3, "reader_ladder": True}])
+def test_deeper_and_ladder_readers_count_their_parameters_and_train_every_block(tiny_model, kw):
+    cfg = dataclasses.replace(READER, **kw)
+    adaptor = TrajectoryAdaptor(cfg, D)
+    assert sum(p.numel() for p in adaptor.parameters()) == count_adaptor_parameters(cfg, D)
+    model = AdaptedDenoiser(tiny_model, adaptor)
+    x, cond = inputs()
+    assert torch.equal(model.hidden_states(x, None, T4, cond), tiny_model.hidden_states(x))
+    before = {k: v.clone() for k, v in adaptor.reader.state_dict().items()}
+    opt = torch.optim.AdamW(model.adaptor_parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = model.output_head(model.hidden_states(x, None, T4, cond)).logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in tiny_model.parameters())
+        opt.step()
+    last = f"blocks.{kw['reader_depth'] - 2}.qkv.weight"
+    changed = {k for k, v in adaptor.reader.state_dict().items() if not torch.equal(v, before[k])}
+    assert last in changed and "proj.weight" in changed
+    assert ("ladder.1.weight" in changed) == cfg.reader_ladder
+
+
+def test_a_ladder_reader_reads_each_of_its_layers_and_no_other():
+    torch.manual_seed(0)
+    reader = StateReader(32, (0, 2, -1), 16, 2, summary="none", depth=3, ladder=True)
+    states = [torch.randn(2, 7, 32) for _ in range(5)]
+    out = reader(states, None)
+    for i, read in ((0, True), (1, False), (2, True), (3, False), (4, True)):
+        other = [s + (j == i) for j, s in enumerate(states)]  # layer i shifted by 1
+        assert torch.allclose(reader(other, None), out) != read, i
+
+
+def test_one_block_readers_keep_the_weight_names_their_files_were_written_with():
+    names = {"mix", "proj", "norm_attn", "qkv", "out", "norm_mlp", "mlp.0", "mlp.2", "norm_out"}
+    keys = StateReader(32, (0, 1), 16, 2).state_dict()
+    assert {k.rsplit(".", 1)[0] if k != "mix" else k for k in keys} == names
+
+
 def test_bad_reader_settings_are_named(tiny_model):
     with pytest.raises(ValueError, match="adaptor.reader must be"):
         AdaptorConfig(reader="lstm")
     with pytest.raises(ValueError, match="reader_dim"):
         TrajectoryAdaptor(AdaptorConfig(reader="attention", reader_dim=18, reader_heads=4), D)
+    with pytest.raises(ValueError, match="reader_depth must be >= 1"):
+        AdaptorConfig(reader_depth=0)
+    with pytest.raises(ValueError, match="3 layers need reader_depth >= 3, got 2"):
+        AdaptorConfig(reader_depth=2, reader_ladder=True)
     adaptor = TrajectoryAdaptor(AdaptorConfig(reader="attention", reader_layers=(0, 9)), D)
     x, cond = inputs()
     with pytest.raises(ValueError, match=r"reader_layers \[9\] out of range"):

@@ -249,6 +249,26 @@ def test_files_from_before_the_condition_options_load_as_they_were_trained(tmp_p
     torch.testing.assert_close(loaded(h, t, enc), adaptor(h, t, enc))
 
 
+def test_a_ladder_reader_adaptor_round_trips(tmp_path, tiny_model):
+    cfg = AdaptorConfig(
+        ranks=(8,),
+        sigmas=(1.0,),
+        boundaries=(),
+        reader_layers=(0, 1, -1),
+        reader_dim=16,
+        reader_heads=2,
+        reader_depth=3,
+        reader_ladder=True,
+    )
+    adaptor = trained_like(cfg)
+    save_adaptor(tmp_path, adaptor, tiny_model)
+    loaded, _ = load_adaptor(tmp_path, tiny_model)
+    assert (loaded.cfg.reader_depth, loaded.cfg.reader_ladder) == (3, True)
+    x, t, cond = batch()
+    a = AdaptedDenoiser(tiny_model, adaptor).hidden_states(x, None, t, cond)
+    assert torch.equal(a, AdaptedDenoiser(tiny_model, loaded).hidden_states(x, None, t, cond))
+
+
 def test_reader_adaptor_round_trips_and_older_files_load_without_a_reader(tmp_path, tiny_model):
     cfg = AdaptorConfig(
         ranks=(8,),
