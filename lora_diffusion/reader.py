@@ -53,6 +53,9 @@ class _Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
         super().__init__()
+        self._build(dim, heads, mlp_ratio)
+
+    def _build(self, dim: int, heads: int, mlp_ratio: int) -> None:
         self.heads = heads
         self.norm_attn = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -80,9 +83,9 @@ class _Block(nn.Module):
 class StateReader(_Block):
     """Frozen layer states (a sequence of (B, L, d)) -> per-position reading z (B, L, dim).
 
-    The first block's weights are the reader's own attributes (the files of one-block
-    readers keep their names); further blocks are `blocks`, the ladder's projections
-    `ladder`."""
+    The first block's weights are the reader's own attributes, made in the order a one-block
+    reader always made them (its files keep their names, and a seed its initialisation);
+    further blocks are `blocks`, the ladder's projections `ladder`."""
 
     def __init__(
         self,
@@ -103,15 +106,16 @@ class StateReader(_Block):
         if summary not in SUMMARIES:
             raise ValueError(f"adaptor.reader_summary must be one of {SUMMARIES}: {summary!r}")
         check_depth(depth, ladder, len(layers))
-        super().__init__(dim, heads, mlp_ratio)
+        nn.Module.__init__(self)
         self.layers, self.summary = tuple(layers), summary
-        if ladder:
-            self.ladder = nn.ModuleList(nn.Linear(d, dim) for _ in self.layers[1:])
-        else:  # softmax: a plain mean at init
+        if not ladder:  # softmax: a plain mean at init
             self.mix = nn.Parameter(torch.zeros(len(self.layers)))
         self.proj = nn.Linear(d, dim)
-        self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio) for _ in range(depth - 1))
+        self._build(dim, heads, mlp_ratio)
         self.norm_out = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio) for _ in range(depth - 1))
+        if ladder:
+            self.ladder = nn.ModuleList(nn.Linear(d, dim) for _ in self.layers[1:])
 
     def forward(
         self,
