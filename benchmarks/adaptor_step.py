@@ -5,6 +5,8 @@
 Prints, for the same base, batch and sequence length: time per call and peak extra memory of
   base_forward    the base's no-grad forward to hidden states + output head at loss positions
   adaptor_step    LoRA-Diffusion's training step (base no-grad, adaptor fwd/bwd, AdamW step)
+  one_block_step  the same with the one-block reader (width 64 over a mix of the layers) that
+                  was the default before the ladder reader (three blocks of width 48)
   full_ft_step    a full fine-tuning step of the same base (what the frozen base avoids)
 and their ratios to base_forward. The floor of adaptor_step / base_forward is 1.0.
 
@@ -22,10 +24,11 @@ import time
 import torch
 from side_by_side import add_ratios, measure_apart, print_rows, step_parser
 
-KINDS = ("base_forward", "adaptor_step", "full_ft_step")
+KINDS = ("base_forward", "adaptor_step", "one_block_step", "full_ft_step")
+ONE_BLOCK = {"reader_depth": 1, "reader_ladder": False, "reader_dim": 64}
 
 
-def build(preset: str, batch: int, seq: int, device: str):
+def build(preset: str, batch: int, seq: int, device: str, reader: dict | None = None):
     from lora_diffusion.adaptor import AdaptorConfig, TrajectoryAdaptor
     from lora_diffusion.composition import AdaptedDenoiser
     from lora_diffusion.corruption import get_process
@@ -39,7 +42,8 @@ def build(preset: str, batch: int, seq: int, device: str):
     target = torch.zeros(batch, seq, dtype=torch.bool, device=device)
     target[:, seq // 2 :] = True  # condition in the first half, target in the second
     batch_ = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "target_mask": target}
-    adapted = AdaptedDenoiser(base, TrajectoryAdaptor(AdaptorConfig(), base.config.hidden_size))
+    cfg = AdaptorConfig(**(reader or {}))
+    adapted = AdaptedDenoiser(base, TrajectoryAdaptor(cfg, base.config.hidden_size))
     adapted.to(device)
     proc = get_process("absorbing", v, base.config.mask_token_id)
     return base, adapted, batch_, proc, get_schedule("loglinear")
@@ -58,7 +62,7 @@ def make_call(kind: str, base, adapted, batch, proc, sched):
             return out.loss
 
         return call
-    if kind == "adaptor_step":
+    if kind in ("adaptor_step", "one_block_step"):
         model, params = adapted, adapted.adaptor_parameters()
     else:
         model = base.train().requires_grad_(True)
@@ -76,7 +80,8 @@ def make_call(kind: str, base, adapted, batch, proc, sched):
 
 
 def measure(kind: str, preset: str, batch: int, seq: int, device: str, reps: int) -> dict:
-    base, adapted, b, proc, sched = build(preset, batch, seq, device)
+    reader = ONE_BLOCK if kind == "one_block_step" else None
+    base, adapted, b, proc, sched = build(preset, batch, seq, device, reader)
     call = make_call(kind, base, adapted, b, proc, sched)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     # Memory is measured from before the first call: activations, gradients and optimizer

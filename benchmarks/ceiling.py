@@ -47,9 +47,10 @@ from lora_diffusion.reader import StateReader
 DEFAULT_ADAPTORS = (
     "final state (no reader):reader=none",
     "embedding state (no reader):reader=none,input_repr=embedding",
-    "reader 0,3,-1 k64:reader=attention",
-    "reader all k64:reader=attention,reader_layers=0;1;2;3;4;5;6;7",
-    "reader 0,3,-1 k96:reader=attention,reader_dim=96",
+    "one block 0,3,-1 k64:reader_depth=1,reader_ladder=0,reader_dim=64",
+    "one block all k64:reader_depth=1,reader_ladder=0,reader_dim=64,reader_layers=0;1;2;3;4;5;6;7",
+    "two blocks 0,3,-1 k64:reader_depth=2,reader_ladder=0,reader_dim=64",
+    "ladder 0,3,-1 k48 (the default):reader=attention",
 )
 
 

@@ -124,6 +124,8 @@ def load_adaptor(
         raw.setdefault("reader", "none")
         if raw["reader"] != "none":
             raw.setdefault("reader_summary", "none")  # readers written before the summary
+            raw.setdefault("reader_depth", 1)  # and before deeper and ladder readers
+            raw.setdefault("reader_ladder", False)
         cfg = AdaptorConfig(**raw)
         d = int(config["hidden_size"])
     except KeyError as e:

@@ -85,13 +85,19 @@ def test_perturbation_matches_the_formula(tiny_model):
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-5)
 
 
+def read(adaptor, tiny_model, ids):
+    """What the adaptor's modules read of the frozen states of `ids` (its reader's x_t)."""
+    return adaptor.read(tiny_model.layer_states(ids), None).detach()
+
+
 def test_up_projection_is_conditioned_on_the_instruction(tiny_model):
     adaptor = randomise(TrajectoryAdaptor(AdaptorConfig(), D))
-    h = tiny_model.hidden_states(inputs()[0])
+    h = read(adaptor, tiny_model, inputs()[0])
     t = torch.full((4,), 0.5)
     enc_a, enc_b = torch.randn(4, D), torch.randn(4, D)
     assert not torch.allclose(adaptor(h, t, enc_a), adaptor(h, t, enc_b))
     plain = randomise(TrajectoryAdaptor(AdaptorConfig(conditional=False), D))
+    h = read(plain, tiny_model, inputs()[0])
     torch.testing.assert_close(plain(h, t, enc_a), plain(h, t, enc_b))
 
 
@@ -152,18 +158,19 @@ def test_attention_pooling_without_a_condition_is_zero_with_finite_gradients(tin
     states = tiny_model.hidden_states(x)
     enc = adaptor.encode(states, cond)
     assert torch.equal(enc[1:], torch.zeros_like(enc[1:])) and enc[0].abs().sum() > 0
-    adaptor(states, T4, enc).pow(2).sum().backward()
+    adaptor(read(adaptor, tiny_model, x), T4, enc).pow(2).sum().backward()
     assert torch.isfinite(adaptor.query.grad).all() and adaptor.query.grad.abs().sum() > 0
 
 
 def test_condition_norm_makes_the_gate_blind_to_the_scale_of_enc(tiny_model):
-    h = tiny_model.hidden_states(inputs()[0])
     enc = torch.randn(4, D)
     normed = randomise(TrajectoryAdaptor(AdaptorConfig(), D))
+    h = read(normed, tiny_model, inputs()[0])
     torch.testing.assert_close(
         normed(h, T4, enc), normed(h, T4, 3.0 * enc + 5.0), atol=1e-4, rtol=1e-4
     )
     raw = randomise(TrajectoryAdaptor(AdaptorConfig(condition_norm="none"), D))
+    h = read(raw, tiny_model, inputs()[0])
     assert not torch.allclose(raw(h, T4, enc), raw(h, T4, 3.0 * enc + 5.0), atol=1e-3)
 
 
@@ -226,15 +233,17 @@ def test_random_gate_breaks_the_zero_saddle_of_the_conditional_path(tiny_model):
     up-projection (W_A diag(W_g Enc(c))) gets no gradient in any of its factors; a random W_g
     (the default) gives W_A a gradient that depends on c from the first step, while W_A = 0
     still keeps the adapted model equal to the base."""
-    h = tiny_model.hidden_states(inputs()[0])
+    ids = inputs()[0]
+    h = tiny_model.hidden_states(ids)
     t = torch.full((4,), 0.9)
     enc_a, enc_b = torch.randn(4, D), torch.randn(4, D)
 
     def up_grad(cfg, enc):
         torch.manual_seed(0)
         adaptor = TrajectoryAdaptor(cfg, D)
-        assert adaptor(h, t, enc).abs().max() == 0  # adapted == base at init either way
-        loss = (adaptor(h, t, enc) * h).sum()  # any loss: what matters is the path
+        x = read(adaptor, tiny_model, ids)
+        assert adaptor(x, t, enc).abs().max() == 0  # adapted == base at init either way
+        loss = (adaptor(x, t, enc) * h).sum()  # any loss: what matters is the path
         (grad,) = torch.autograd.grad(loss, adaptor.up)
         return grad, adaptor.phases[0][0].gate.weight
 
@@ -310,7 +319,7 @@ def test_reader_training_never_touches_the_base_and_trains_the_reader(tiny_model
     adaptor = TrajectoryAdaptor(READER, D)
     model = AdaptedDenoiser(tiny_model, adaptor)
     opt = torch.optim.AdamW(model.adaptor_parameters(), lr=1e-2)
-    mix = adaptor.reader.mix.detach().clone()
+    proj = adaptor.reader.proj.weight.detach().clone()
     x, cond = inputs()
     for _ in range(3):
         loss = model.output_head(model.hidden_states(x, None, T4, cond)).logsumexp(-1).mean()
@@ -319,10 +328,12 @@ def test_reader_training_never_touches_the_base_and_trains_the_reader(tiny_model
         assert all(p.grad is None for p in tiny_model.parameters())
         opt.step()
     assert all(torch.equal(v, before[k]) for k, v in tiny_model.state_dict().items())
-    assert not torch.equal(adaptor.reader.mix, mix)
+    assert not torch.equal(adaptor.reader.proj.weight, proj)
 
 
-@pytest.mark.parametrize("kw", [{"reader_depth": 2}, {"reader_depth": 3, "reader_ladder": True}])
+@pytest.mark.parametrize(
+    "kw", [{"reader_depth": 2, "reader_ladder": False}, {"reader_depth": 3, "reader_ladder": True}]
+)
 def test_deeper_and_ladder_readers_count_their_parameters_and_train_every_block(tiny_model, kw):
     cfg = dataclasses.replace(READER, **kw)
     adaptor = TrajectoryAdaptor(cfg, D)
@@ -384,7 +395,8 @@ def test_the_adaptor_and_its_regularisers_run_without_reading_the_data():
     """On the `meta` device (shapes, no values) anything that needs the data's values to go on,
     as a gather of each phase's rows does, fails; on a GPU it is a host sync every step."""
     adaptor = TrajectoryAdaptor(AdaptorConfig(), D).to("meta")
-    x, enc = torch.empty(6, 1, D, device="meta"), torch.empty(6, D, device="meta")
+    x = torch.empty(6, 1, adaptor.cfg.reader_dim, device="meta")  # the reader's x_t
+    enc = torch.empty(6, D, device="meta")
     t = torch.empty(6, device="meta")
     assert adaptor(x, t, enc).shape == (6, 1, D)
     reg = adaptor.regularisers()

@@ -245,7 +245,7 @@ def test_files_from_before_the_condition_options_load_as_they_were_trained(tmp_p
     loaded, _ = load_adaptor(tmp_path, tiny_model)
     assert (loaded.cfg.condition_pool, loaded.cfg.condition_norm) == ("mean", "none")
     assert loaded.cfg.gate_init == "zero"
-    h, enc, t = torch.randn(2, 5, D), torch.randn(2, D), torch.tensor([0.9, 0.2])
+    h, enc, t = torch.randn(2, 5, cfg.reader_dim), torch.randn(2, D), torch.tensor([0.9, 0.2])
     torch.testing.assert_close(loaded(h, t, enc), adaptor(h, t, enc))
 
 
@@ -264,6 +264,32 @@ def test_a_ladder_reader_adaptor_round_trips(tmp_path, tiny_model):
     save_adaptor(tmp_path, adaptor, tiny_model)
     loaded, _ = load_adaptor(tmp_path, tiny_model)
     assert (loaded.cfg.reader_depth, loaded.cfg.reader_ladder) == (3, True)
+    x, t, cond = batch()
+    a = AdaptedDenoiser(tiny_model, adaptor).hidden_states(x, None, t, cond)
+    assert torch.equal(a, AdaptedDenoiser(tiny_model, loaded).hidden_states(x, None, t, cond))
+
+
+def test_one_block_reader_files_from_before_the_ladder_load_as_they_were_trained(
+    tmp_path, tiny_model
+):
+    cfg = AdaptorConfig(
+        ranks=(8,),
+        sigmas=(1.0,),
+        boundaries=(),
+        reader_layers=(0, -1),
+        reader_dim=16,
+        reader_heads=2,
+        reader_depth=1,
+        reader_ladder=False,
+    )
+    adaptor = trained_like(cfg)
+    save_adaptor(tmp_path, adaptor, tiny_model)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    for key in ("reader_depth", "reader_ladder"):  # an older file has neither
+        del config["adaptor"][key]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    loaded, _ = load_adaptor(tmp_path, tiny_model)
+    assert (loaded.cfg.reader_depth, loaded.cfg.reader_ladder) == (1, False)
     x, t, cond = batch()
     a = AdaptedDenoiser(tiny_model, adaptor).hidden_states(x, None, t, cond)
     assert torch.equal(a, AdaptedDenoiser(tiny_model, loaded).hidden_states(x, None, t, cond))
