@@ -314,19 +314,24 @@ def test_the_reader_lets_a_target_position_see_the_condition_tokens(tiny_model):
         assert same != sees_condition
 
 
-def test_reader_training_never_touches_the_base_and_trains_the_reader(tiny_model):
-    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    adaptor = TrajectoryAdaptor(READER, D)
-    model = AdaptedDenoiser(tiny_model, adaptor)
+def train_adaptor_alone(model, tiny_model, steps=3):
+    """A few AdamW steps of the adaptor on any loss; the base must get no gradient."""
     opt = torch.optim.AdamW(model.adaptor_parameters(), lr=1e-2)
-    proj = adaptor.reader.proj.weight.detach().clone()
     x, cond = inputs()
-    for _ in range(3):
+    for _ in range(steps):
         loss = model.output_head(model.hidden_states(x, None, T4, cond)).logsumexp(-1).mean()
         opt.zero_grad()
         loss.backward()
         assert all(p.grad is None for p in tiny_model.parameters())
         opt.step()
+
+
+def test_reader_training_never_touches_the_base_and_trains_the_reader(tiny_model):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    adaptor = TrajectoryAdaptor(READER, D)
+    model = AdaptedDenoiser(tiny_model, adaptor)
+    proj = adaptor.reader.proj.weight.detach().clone()
+    train_adaptor_alone(model, tiny_model)
     assert all(torch.equal(v, before[k]) for k, v in tiny_model.state_dict().items())
     assert not torch.equal(adaptor.reader.proj.weight, proj)
 
@@ -342,13 +347,7 @@ def test_deeper_and_ladder_readers_count_their_parameters_and_train_every_block(
     x, cond = inputs()
     assert torch.equal(model.hidden_states(x, None, T4, cond), tiny_model.hidden_states(x))
     before = {k: v.clone() for k, v in adaptor.reader.state_dict().items()}
-    opt = torch.optim.AdamW(model.adaptor_parameters(), lr=1e-2)
-    for _ in range(3):
-        loss = model.output_head(model.hidden_states(x, None, T4, cond)).logsumexp(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        assert all(p.grad is None for p in tiny_model.parameters())
-        opt.step()
+    train_adaptor_alone(model, tiny_model)
     last = f"blocks.{kw['reader_depth'] - 2}.qkv.weight"
     changed = {k for k, v in adaptor.reader.state_dict().items() if not torch.equal(v, before[k])}
     assert last in changed and "proj.weight" in changed

@@ -249,47 +249,32 @@ def test_files_from_before_the_condition_options_load_as_they_were_trained(tmp_p
     torch.testing.assert_close(loaded(h, t, enc), adaptor(h, t, enc))
 
 
-def test_a_ladder_reader_adaptor_round_trips(tmp_path, tiny_model):
-    cfg = AdaptorConfig(
-        ranks=(8,),
-        sigmas=(1.0,),
-        boundaries=(),
-        reader_layers=(0, 1, -1),
-        reader_dim=16,
-        reader_heads=2,
-        reader_depth=3,
-        reader_ladder=True,
-    )
-    adaptor = trained_like(cfg)
-    save_adaptor(tmp_path, adaptor, tiny_model)
-    loaded, _ = load_adaptor(tmp_path, tiny_model)
-    assert (loaded.cfg.reader_depth, loaded.cfg.reader_ladder) == (3, True)
-    x, t, cond = batch()
-    a = AdaptedDenoiser(tiny_model, adaptor).hidden_states(x, None, t, cond)
-    assert torch.equal(a, AdaptedDenoiser(tiny_model, loaded).hidden_states(x, None, t, cond))
-
-
-def test_one_block_reader_files_from_before_the_ladder_load_as_they_were_trained(
-    tmp_path, tiny_model
+@pytest.mark.parametrize(
+    "layers, depth, ladder, written_before",
+    [((0, 1, -1), 3, True, False), ((0, -1), 1, False, True)],
+)
+def test_deep_readers_round_trip_and_one_block_files_from_before_load_as_trained(
+    tmp_path, tiny_model, layers, depth, ladder, written_before
 ):
     cfg = AdaptorConfig(
         ranks=(8,),
         sigmas=(1.0,),
         boundaries=(),
-        reader_layers=(0, -1),
+        reader_layers=layers,
         reader_dim=16,
         reader_heads=2,
-        reader_depth=1,
-        reader_ladder=False,
+        reader_depth=depth,
+        reader_ladder=ladder,
     )
     adaptor = trained_like(cfg)
     save_adaptor(tmp_path, adaptor, tiny_model)
-    config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    for key in ("reader_depth", "reader_ladder"):  # an older file has neither
-        del config["adaptor"][key]
-    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    if written_before:  # a one-block reader's file from before depth and ladder has neither
+        config = json.loads((tmp_path / CONFIG_NAME).read_text())
+        for key in ("reader_depth", "reader_ladder"):
+            del config["adaptor"][key]
+        (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
     loaded, _ = load_adaptor(tmp_path, tiny_model)
-    assert (loaded.cfg.reader_depth, loaded.cfg.reader_ladder) == (1, False)
+    assert (loaded.cfg.reader_depth, loaded.cfg.reader_ladder) == (depth, ladder)
     x, t, cond = batch()
     a = AdaptedDenoiser(tiny_model, adaptor).hidden_states(x, None, t, cond)
     assert torch.equal(a, AdaptedDenoiser(tiny_model, loaded).hidden_states(x, None, t, cond))
