@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from lora_diffusion.adaptor import AdaptorConfig, TrajectoryAdaptor
 from lora_diffusion.composition import AdaptedDenoiser
+from lora_diffusion.config import apply_overrides
 from lora_diffusion.data import (
     collate,
     label_candidates,
@@ -218,26 +219,20 @@ def adaptor_on_decision(base, cands, train: Cached, tests, cfg, steps, seed, lr)
 
 def parse_adaptor(spec: str, lr: float, seed: int) -> tuple[str, AdaptorConfig, float, int]:
     """`NAME:key=value,...` -> (name, AdaptorConfig of one phase, learning rate, seed); `lr=`
-    and `seed=` set the row's own, list values are separated by `;`."""
+    and `seed=` set the row's own, the other keys are AdaptorConfig fields parsed as `--set
+    adaptor.KEY=VALUE` parses them, with list values separated by `;`."""
     name, _, body = spec.partition(":")
-    kw: dict = {"ranks": (64,), "sigmas": (1.0,), "boundaries": ()}
+    overrides = []
     for item in filter(None, body.split(",")):
         key, _, value = item.partition("=")
         if key == "lr":
             lr = float(value)
         elif key == "seed":
             seed = int(value)
-        elif key in ("reader_layers", "ranks"):
-            kw[key] = tuple(int(v) for v in value.split(";"))
-        elif key in ("reader_dim", "reader_heads", "reader_depth", "k"):
-            kw[key] = int(value)
-        elif key == "reader_ladder":
-            kw[key] = value.lower() in ("1", "true", "yes")
-        elif key.startswith("lambda"):
-            kw[key] = float(value)
         else:
-            kw[key] = value
-    return name, AdaptorConfig(**kw), lr, seed
+            overrides.append(f"{key}={value.replace(';', ',')}")
+    one_phase = AdaptorConfig(ranks=(64,), sigmas=(1.0,), boundaries=())
+    return name, apply_overrides(one_phase, overrides), lr, seed
 
 
 def main(argv=None) -> dict:
