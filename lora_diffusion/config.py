@@ -36,6 +36,15 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.steps must be >= 1, got {self.steps}")
 
 
+# Fine-tuning (every method, one task or several) weights its denoising loss `simple`: a plain
+# mean over the masked target tokens. The ELBO's weight w(t) ~ 1/t makes a few rows of a batch
+# count hundreds of times more than the rest (a short target is masked at small t rarely, and
+# then weighs 1/t), and the gradient clip then shrinks those steps. On small-h200's SST-2
+# held-out rows `simple` raised LoRA-Diffusion from 74.0 to 77.2 % (3 seeds) and full
+# fine-tuning from 83.9 to 84.7 % (docs/READER.md section 5). Pretraining keeps the ELBO.
+FINETUNE_LOSS = {"weighting": "simple"}
+
+
 @dataclass
 class BaselineConfig:
     """Knobs of the baseline tuning methods (`lora_diffusion.baselines`)."""
@@ -111,7 +120,7 @@ class FinetuneConfig:
     cache_dir: str | None = None
     adaptor: AdaptorConfig = field(default_factory=AdaptorConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(**FINETUNE_LOSS))
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=2e-3, max_steps=1000, batch_size=32, warmup_steps=50)
     )

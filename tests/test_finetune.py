@@ -78,3 +78,17 @@ def test_a_run_s_peak_memory_counts_memory_it_reuses_from_what_the_process_freed
     new = [torch.ones(16384) for _ in range(800)]  # 50 MiB
     assert 40 < peak.read()["train_peak_mb"] < 120
     del new, pin
+
+
+def test_fine_tuning_weights_its_loss_simple_and_pretraining_keeps_the_elbo():
+    from lora_diffusion.config import apply_overrides
+    from lora_diffusion.multitask import MultitaskConfig
+    from lora_diffusion.pretraining import PretrainConfig
+
+    cfg = FinetuneConfig(base="-", output_dir="-")
+    assert cfg.diffusion.weighting == "simple"
+    multi = MultitaskConfig(base="-", output_dir="-", tasks=("sst2", "cola"))
+    assert multi.diffusion.weighting == "simple"
+    assert PretrainConfig(corpus_dir="-", output_dir="-").diffusion.weighting == "elbo"
+    assert apply_overrides(cfg, ["diffusion.weighting=elbo"]).diffusion.weighting == "elbo"
+    assert cfg.diffusion.weighting == "simple"
