@@ -41,7 +41,7 @@ class DiffusionConfig:
 # count hundreds of times more than the rest (a short target is masked at small t rarely, and
 # then weighs 1/t), and the gradient clip then shrinks those steps. On small-h200's SST-2
 # held-out rows `simple` raised LoRA-Diffusion from 74.0 to 77.2 % (3 seeds) and full
-# fine-tuning from 83.9 to 84.7 % (docs/READER.md section 5). Pretraining keeps the ELBO.
+# fine-tuning from 83.9 to 84.7 % (seed 0; docs/READER.md section 5). Pretraining keeps the ELBO.
 FINETUNE_LOSS = {"weighting": "simple"}
 
 
