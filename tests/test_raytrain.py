@@ -51,19 +51,25 @@ def losses(out) -> list[float]:
     return [h["loss"] for h in json.loads((Path(out) / "history.json").read_text())]
 
 
+# Twelve steps at a rate (no warm-up) at which the tiny adaptor's loss visibly falls (6.18 ->
+# 5.2): at the default rate and its 50-step warm-up the loss barely moves in 12 steps, and the
+# runs compared below must be shown to learn, not only to agree.
+TWELVE_STEPS = ("--max-steps", "12", "--lr", "1e-2", "--set", "train.warmup_steps=0")
+
+
 @pytest.fixture(scope="module")
 def one_worker(ray_cluster, base, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("w1")
-    return out, train(base, out, data_dir, "--max-steps", "12")
+    return out, train(base, out, data_dir, *TWELVE_STEPS)
 
 
 def test_two_ddp_workers_train_exactly_like_one(one_worker, base, data_dir, tmp_path):
     out1, r1 = one_worker
-    r2 = train(base, tmp_path, data_dir, "--max-steps", "12", "--num-workers", "2")
+    r2 = train(base, tmp_path, data_dir, *TWELVE_STEPS, "--num-workers", "2")
     assert r1["steps"] == r2["steps"] == 12
     l1, l2 = losses(out1), losses(tmp_path)
     assert len(l1) == len(l2) == 7  # steps 1, 2, 4, ..., 12
-    assert l1[-1] < l1[0]
+    assert l1[-1] < l1[0] - 0.5
     assert l2 == pytest.approx(l1, rel=1e-4, abs=1e-5)
     assert r2["train_loss"] == pytest.approx(r1["train_loss"], rel=1e-4)
     assert (tmp_path / "adaptor" / "adapter_model.safetensors").exists()
@@ -73,7 +79,7 @@ def test_fsdp_shards_the_frozen_base_and_trains_like_one_worker(
     one_worker, base, data_dir, tmp_path
 ):
     out1, r1 = one_worker
-    r = train(base, tmp_path, data_dir, "--max-steps", "12", "--num-workers", "2",
+    r = train(base, tmp_path, data_dir, *TWELVE_STEPS, "--num-workers", "2",
               "--strategy", "fsdp")  # fmt: skip
     # every transformer block of the frozen base is split across the two workers
     assert r["frozen_params_local"] < r["frozen_params"]
