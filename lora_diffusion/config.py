@@ -42,7 +42,9 @@ class DiffusionConfig:
 # then weighs 1/t), and the gradient clip then shrinks those steps. On small-h200's SST-2
 # held-out rows `simple` raised LoRA-Diffusion from 74.0 to 77.2 % (3 seeds) and full
 # fine-tuning from 83.9 to 84.7 % (seed 0; docs/READER.md section 5). Pretraining keeps the ELBO.
-FINETUNE_LOSS = {"weighting": "simple"}
+def finetuning_diffusion() -> DiffusionConfig:
+    """The fine-tuning recipes' default DiffusionConfig: the `simple` loss weighting."""
+    return DiffusionConfig(weighting="simple")
 
 
 @dataclass
@@ -120,7 +122,7 @@ class FinetuneConfig:
     cache_dir: str | None = None
     adaptor: AdaptorConfig = field(default_factory=AdaptorConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
-    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(**FINETUNE_LOSS))
+    diffusion: DiffusionConfig = field(default_factory=finetuning_diffusion)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=2e-3, max_steps=1000, batch_size=32, warmup_steps=50)
     )

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .adaptor import AdaptorConfig, TrajectoryAdaptor
 from .adaptor_io import load_adaptor, save_adaptor, save_router
 from .composition import AdaptedDenoiser
-from .config import FINETUNE_LOSS, DiffusionConfig
+from .config import DiffusionConfig, finetuning_diffusion
 from .corruption import get_process
 from .data import collate, tokenize_task
 from .evaluation import generative_accuracy, scoring_accuracy
@@ -69,7 +69,7 @@ class MultitaskConfig:
     threads: int | None = None
     cache_dir: str | None = None
     adaptor: AdaptorConfig = field(default_factory=AdaptorConfig)
-    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(**FINETUNE_LOSS))
+    diffusion: DiffusionConfig = field(default_factory=finetuning_diffusion)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=2e-3, max_steps=1000, batch_size=32, warmup_steps=50)
     )
