@@ -1,6 +1,7 @@
 """Adaptor training step vs the frozen base's plain no-grad forward, side by side in one run.
 
     python benchmarks/adaptor_step.py [--preset small] [--batch-size 32] [--seq-len 128]
+        [--target-len 64]
 
 Prints, for the same base, batch and sequence length: time per call and peak extra memory of
   base_forward    the base's no-grad forward to hidden states + output head at loss positions
@@ -9,6 +10,11 @@ Prints, for the same base, batch and sequence length: time per call and peak ext
                   was the default before the ladder reader (three blocks of width 48)
   full_ft_step    a full fine-tuning step of the same base (what the frozen base avoids)
 and their ratios to base_forward. The floor of adaptor_step / base_forward is 1.0.
+
+The last --target-len tokens of each sequence are the target (masked and scored), the rest the
+condition: the default, half the sequence, is a generation task's shape; SST-2 as conditional
+generation has a 2-token target (label word, EOS), where the output head's cost, common to
+every kind, shrinks and the ratios show what each method itself keeps.
 
 Each measurement runs in a fresh subprocess, so peak memory (CPU: the growth of the process's
 max RSS from before the first call; GPU: torch.cuda.max_memory_allocated above the model and
@@ -28,7 +34,9 @@ KINDS = ("base_forward", "adaptor_step", "one_block_step", "full_ft_step")
 ONE_BLOCK = {"reader_depth": 1, "reader_ladder": False, "reader_dim": 64}
 
 
-def build(preset: str, batch: int, seq: int, device: str, reader: dict | None = None):
+def build(
+    preset: str, batch: int, seq: int, device: str, reader: dict | None = None, target_len=None
+):
     from lora_diffusion.adaptor import AdaptorConfig, TrajectoryAdaptor
     from lora_diffusion.composition import AdaptedDenoiser
     from lora_diffusion.corruption import get_process
@@ -40,7 +48,7 @@ def build(preset: str, batch: int, seq: int, device: str, reader: dict | None = 
     v = base.config.vocab_size
     ids = torch.randint(6, v, (batch, seq), device=device)
     target = torch.zeros(batch, seq, dtype=torch.bool, device=device)
-    target[:, seq // 2 :] = True  # condition in the first half, target in the second
+    target[:, seq - (seq // 2 if target_len is None else target_len) :] = True  # condition first
     batch_ = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "target_mask": target}
     cfg = AdaptorConfig(**(reader or {}))
     adapted = AdaptedDenoiser(base, TrajectoryAdaptor(cfg, base.config.hidden_size))
@@ -79,9 +87,11 @@ def make_call(kind: str, base, adapted, batch, proc, sched):
     return step
 
 
-def measure(kind: str, preset: str, batch: int, seq: int, device: str, reps: int) -> dict:
+def measure(
+    kind: str, preset: str, batch: int, seq: int, device: str, reps: int, target_len: int
+) -> dict:
     reader = ONE_BLOCK if kind == "one_block_step" else None
-    base, adapted, b, proc, sched = build(preset, batch, seq, device, reader)
+    base, adapted, b, proc, sched = build(preset, batch, seq, device, reader, target_len)
     call = make_call(kind, base, adapted, b, proc, sched)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     # Memory is measured from before the first call: activations, gradients and optimizer
@@ -107,14 +117,25 @@ def measure(kind: str, preset: str, batch: int, seq: int, device: str, reps: int
 def main() -> None:
     doc = __doc__.splitlines()[0]
     p = step_parser(doc, KINDS, preset="small", batch_size=32, seq_len=128, reps=5)
+    p.add_argument(
+        "--target-len", type=int, default=None, help="target tokens a sequence (default: half)"
+    )
     a = p.parse_args()
-    args = (a.preset, a.batch_size, a.seq_len, a.device, a.reps)
+    if a.target_len is None:
+        a.target_len = a.seq_len // 2
+    if not 1 <= a.target_len < a.seq_len:
+        p.error(f"--target-len must be in [1, --seq-len): {a.target_len}")
+    args = (a.preset, a.batch_size, a.seq_len, a.device, a.reps, a.target_len)
     if a.measure:
         print(json.dumps(measure(a.measure, *args)))
         return
-    rows = measure_apart(__file__, KINDS, a, ("preset", "batch_size", "seq_len", "reps", "device"))
+    flags = ("preset", "batch_size", "seq_len", "reps", "device", "target_len")
+    rows = measure_apart(__file__, KINDS, a, flags)
     add_ratios(rows, "base_forward")
-    heading = f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} device={a.device}"
+    heading = (
+        f"preset={a.preset} batch={a.batch_size} seq={a.seq_len} target={a.target_len} "
+        f"device={a.device}"
+    )
     keys = ("seconds", "peak_mb", "time_ratio", "mem_ratio")
     print_rows(rows, heading, keys, "call", a.json)
 
