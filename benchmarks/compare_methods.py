@@ -46,13 +46,15 @@ COLUMNS = (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="base model folder")
-    p.add_argument("--task", default="sst2")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list")
+    p.add_argument("--task", default="sst2", help="task name (default: sst2)")
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help="comma list (default: every method)"
+    )
     p.add_argument("--lr-factors", default="0.3,1,3", help="multiples of each method's default")
-    p.add_argument("--max-steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--train-limit", type=int, default=None)
-    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=400, help="optimizer steps a run (400)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples a step (32)")
+    p.add_argument("--train-limit", type=int, default=None, help="train rows (default: all)")
+    p.add_argument("--eval-limit", type=int, default=None, help="eval rows (default: all)")
     p.add_argument(
         "--holdout",
         type=int,
@@ -60,12 +62,14 @@ def parse_args(argv=None):
         help="last N train rows, never trained on, that choose each method's learning rate "
         "(0: choose on the eval split)",
     )
-    p.add_argument("--forgetting-blocks", type=int, default=32)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--forgetting-blocks", type=int, default=32, help="corpus blocks forgetting reads (32)"
+    )
+    p.add_argument("--data-dir", default=None, help="task data folder (default: configured)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run (0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_set_flag(p, "dotted FinetuneConfig override for every run (repeatable)")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="runs and the table go here")
     return p.parse_args(argv)
 
 
