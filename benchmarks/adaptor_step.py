@@ -35,7 +35,7 @@ ONE_BLOCK = {"reader_depth": 1, "reader_ladder": False, "reader_dim": 64}
 
 
 def build(
-    preset: str, batch: int, seq: int, device: str, reader: dict | None = None, target_len=None
+    preset: str, batch: int, seq: int, target_len: int, device: str, reader: dict | None = None
 ):
     from lora_diffusion.adaptor import AdaptorConfig, TrajectoryAdaptor
     from lora_diffusion.composition import AdaptedDenoiser
@@ -48,7 +48,7 @@ def build(
     v = base.config.vocab_size
     ids = torch.randint(6, v, (batch, seq), device=device)
     target = torch.zeros(batch, seq, dtype=torch.bool, device=device)
-    target[:, seq - (seq // 2 if target_len is None else target_len) :] = True  # condition first
+    target[:, seq - target_len :] = True  # the condition first, then the target
     batch_ = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "target_mask": target}
     cfg = AdaptorConfig(**(reader or {}))
     adapted = AdaptedDenoiser(base, TrajectoryAdaptor(cfg, base.config.hidden_size))
@@ -91,7 +91,7 @@ def measure(
     kind: str, preset: str, batch: int, seq: int, device: str, reps: int, target_len: int
 ) -> dict:
     reader = ONE_BLOCK if kind == "one_block_step" else None
-    base, adapted, b, proc, sched = build(preset, batch, seq, device, reader, target_len)
+    base, adapted, b, proc, sched = build(preset, batch, seq, target_len, device, reader)
     call = make_call(kind, base, adapted, b, proc, sched)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     # Memory is measured from before the first call: activations, gradients and optimizer
